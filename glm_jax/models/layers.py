@@ -1,0 +1,109 @@
+"""Small building blocks shared by every model: dense layers and norms whose parameters carry logical axis names.
+
+Every parameter is an `nnx.Param` with an `axes` metadata tuple of logical names (`embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `vocab`, ...). A model never names a mesh axis; `glm_jax.sharding` maps logical names to mesh
+axes. Layers keep their own arrays (no stacked `[L, ...]` weights), see ARCHITECTURE notes in the README.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DType = jnp.dtype | type
+
+_default_init = jax.nn.initializers.normal(0.02)
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype: DType,
+          init=_default_init) -> nnx.Param:
+    """A parameter of `shape` initialised by `init`, annotated with logical `axes` (one name per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """`y = x @ kernel + bias` with kernel `(in, out)` (the transpose of torch's `nn.Linear.weight`).
+
+    Compute happens in `dtype` (inputs and kernel are cast); parameters are stored in `param_dtype`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+                 use_bias: bool = True, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.kernel = param(rngs, (in_features, out_features), axes, param_dtype)
+        self.bias = (param(rngs, (out_features,), (axes[1],), param_dtype, jax.nn.initializers.zeros)
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """RMSNorm as transformers computes it: variance in fp32, cast back to the input dtype, then scale."""
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return y if weight is None else weight.astype(x.dtype) * y
+
+
+def layer_norm(x: jax.Array, weight: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, statistics in fp32, result cast to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale (`weight`, axis `norm_axis`)."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str = "embed", param_dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), (axis_name,), param_dtype, jax.nn.initializers.ones)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm, optionally with affine `weight` / `bias`."""
+
+    def __init__(self, dim: int, *, eps: float, affine: bool = True, axis_name: str = "embed",
+                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        if affine:
+            self.weight = param(rngs, (dim,), (axis_name,), param_dtype, jax.nn.initializers.ones)
+            self.bias = param(rngs, (dim,), (axis_name,), param_dtype, jax.nn.initializers.zeros)
+        else:
+            self.weight = self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = None if self.weight is None else self.weight[...]
+        b = None if self.bias is None else self.bias[...]
+        return layer_norm(x, w, b, self.eps)
+
+
+def dtype_from_name(name: str | None, default: DType = jnp.float32):
+    """Maps a config dtype string (`"bfloat16"`, `"float32"`, `"bf16"`, ...) to a jnp dtype."""
+    if name is None:
+        return default
+    table = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32,
+             "float16": jnp.float16, "fp16": jnp.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(table)}")
+    return table[name]
