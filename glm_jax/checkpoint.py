@@ -1,0 +1,132 @@
+"""The glm_jax model checkpoint: a self-contained directory that generation and training read directly.
+
+Layout (written by `python -m conversion.from_torch`):
+
+    CKPT/
+      glm_jax.json                  format version, the components it holds, the source layout
+      model_index.json              the pipeline's, when converted from a pipeline directory
+      <slot>/config.json            the HF/diffusers config of each component, verbatim (+ other *.json files)
+      <slot>/params/                orbax checkpoint of the parameters, nested by nnx path, source dtypes kept
+      processor/ tokenizer/ scheduler/   copied verbatim from the pipeline
+
+Slots: `vision_language_encoder` (AR), `transformer` (DiT), `vae`, `text_encoder`. See `glm_jax.components`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glm_jax.components import COMPONENTS, read_json
+
+FORMAT_VERSION = 1
+MANIFEST = "glm_jax.json"
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+    """`{"a.b.0.c": x}` -> `{"a": {"b": {"0": {"c": x}}}}`."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        parts = path.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of `nest`."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def save_params(directory: str, flat: Mapping[str, np.ndarray]) -> None:
+    """Saves a flat `{path: array}` dict as an orbax checkpoint at `directory` (which must not exist)."""
+    import orbax.checkpoint as ocp
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(directory), nest(flat))
+    ckptr.wait_until_finished()
+
+
+def load_params(directory: str, target: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Restores a flat `{path: array}` dict. `target` (flat `{path: ShapeDtypeStruct}` possibly with shardings)
+    restores straight into those dtypes / shardings."""
+    import orbax.checkpoint as ocp
+    ckptr = ocp.StandardCheckpointer()
+    path = os.path.abspath(directory)
+    if not os.path.isdir(path):
+        raise ValueError(f"{directory}: parameter checkpoint not found")
+    restored = ckptr.restore(path, nest(target)) if target is not None else ckptr.restore(path)
+    return flatten(restored)
+
+
+def read_manifest(ckpt: str) -> dict:
+    return read_json(os.path.join(ckpt, MANIFEST))
+
+
+def component_config(ckpt: str, slot: str) -> dict:
+    """The HF/diffusers config dict of a component of a glm_jax checkpoint; a clear error if absent."""
+    manifest = read_manifest(ckpt)
+    if slot not in manifest.get("components", {}):
+        have = sorted(manifest.get("components", {}))
+        raise ValueError(f"{ckpt}: checkpoint has no {slot!r} component (it has {have})")
+    return read_json(os.path.join(ckpt, slot, "config.json"))
+
+
+def abstract_model(slot: str, hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32):
+    """An abstract (shape-only) module for a component, built from its HF config."""
+    spec = COMPONENTS[slot]
+    cfg = spec.config_from_hf(hf_config)
+    cls = spec.model_class()
+    return cfg, nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def load_model(ckpt: str, slot: str, *, dtype=jnp.float32, param_dtype=None, shardings=None):
+    """Builds the module of `slot` from a glm_jax checkpoint and fills in its parameters.
+
+    `param_dtype=None` keeps the stored dtypes. `shardings`, a function `(path, ShapeDtypeStruct) -> Sharding`,
+    restores each parameter straight into its sharding. Returns `(cfg, module)`.
+    """
+    hf_config = component_config(ckpt, slot)
+    cfg, abstract = abstract_model(slot, hf_config, dtype=dtype, param_dtype=param_dtype or jnp.float32)
+    graphdef, state = nnx.split(abstract)
+    flat_state = nnx.to_flat_state(state)
+    stored = {}
+    params_dir = os.path.join(ckpt, slot, "params")
+    import orbax.checkpoint as ocp
+    meta = ocp.StandardCheckpointer().metadata(os.path.abspath(params_dir))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    stored_meta = flatten(tree)
+    target = {}
+    for path, var in flat_state:
+        p = ".".join(str(x) for x in path)
+        if p not in stored_meta:
+            raise ValueError(f"{params_dir}: parameter {p!r} missing from the checkpoint")
+        m = stored_meta[p]
+        want_shape = var.get_value().shape
+        if tuple(m.shape) != tuple(want_shape):
+            raise ValueError(f"{params_dir}: parameter {p!r} has shape {tuple(m.shape)}, the config expects "
+                             f"{tuple(want_shape)}")
+        dt = m.dtype if param_dtype is None else param_dtype
+        sds = jax.ShapeDtypeStruct(want_shape, dt)
+        if shardings is not None:
+            sds = jax.ShapeDtypeStruct(want_shape, dt, sharding=shardings(p, sds))
+        target[p] = sds
+    stored = load_params(params_dir, target)
+    for path, var in flat_state:
+        var.set_value(jnp.asarray(stored[".".join(str(x) for x in path)]))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+    return cfg, model
