@@ -270,8 +270,8 @@ class Attention(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, implementation: str | None, dtype: DType, param_dtype: DType,
                  rngs: nnx.Rngs):
         d = cfg.inner_dim
-        self.heads, self.head_dim, self.implementation = cfg.num_attention_heads, cfg.attention_head_dim, \
-            implementation
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        self.implementation = implementation
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.to_q = Dense(d, d, axes=("embed", "heads"), **kw)
         self.to_k = Dense(d, d, axes=("embed", "heads"), **kw)
