@@ -8,8 +8,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from conversion.table import Rule, find_jax, find_torch, jax_to_torch_array, torch_shape_to_jax, \
-    torch_to_jax_array
+from conversion.table import Rule, find_jax, find_torch, jax_to_torch_array, torch_shape_for, \
+    torch_shape_to_jax, torch_to_jax_array
 
 
 class ConversionError(ValueError):
@@ -64,14 +64,6 @@ def convert_tensors(tensors: Iterable[tuple[str, Callable[[], np.ndarray], tuple
         keys = [find_jax(rules, p) for p in missing[:5]]
         names = [k[0] if k else p for k, p in zip(keys, missing[:5])]
         raise ConversionError(f"{source}: missing {len(missing)} tensor(s), e.g. {names}")
-
-
-def torch_shape_for(jax_shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
-    if transform == "linear" and len(jax_shape) == 2:
-        return (jax_shape[1], jax_shape[0])
-    if transform == "conv" and len(jax_shape) == 4:
-        return (jax_shape[3], jax_shape[2], jax_shape[0], jax_shape[1])
-    return tuple(jax_shape)
 
 
 def load_state_dict_into(module: nnx.Module, state_dict: dict[str, np.ndarray], rules: list[Rule],

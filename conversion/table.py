@@ -92,6 +92,15 @@ def torch_shape_to_jax(shape: tuple[int, ...], transform: str) -> tuple[int, ...
     return tuple(shape)
 
 
+def torch_shape_for(jax_shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    """Inverse of `torch_shape_to_jax`."""
+    if transform == "linear" and len(jax_shape) == 2:
+        return (jax_shape[1], jax_shape[0])
+    if transform == "conv" and len(jax_shape) == 4:
+        return (jax_shape[3], jax_shape[2], jax_shape[0], jax_shape[1])
+    return tuple(jax_shape)
+
+
 def find_torch(rules: list[Rule], key: str) -> tuple[str, Rule] | None:
     """The glm_jax path and rule for a torch key, or None when no rule matches."""
     for rule in rules:

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm_jax.models.layers import Dense, DType, layer_norm, param
+from glm_jax.models.remat import check_policy, layer_call
 
 LN_EPS = 1e-5
 ROPE_THETA = 10000.0
@@ -358,12 +359,14 @@ class GlmImageDiT(nnx.Module):
 
     `dtype` is the compute dtype (residual stream, matmuls); sincos embeddings, LayerNorm statistics, RoPE,
     activations and the attention softmax run in float32. `attention` picks the `jax.nn.dot_product_attention`
-    implementation (None, "xla" or "cudnn"; cuDNN needs a half-precision `dtype`).
+    implementation (None, "xla" or "cudnn"; cuDNN needs a half-precision `dtype`). `remat` names the
+    rematerialisation policy of each block for training (`glm_jax.models.remat`: none / full / dots / dots_all).
     """
 
     def __init__(self, cfg: DiTConfig, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
-                 attention: str | None = None, rngs: nnx.Rngs):
+                 attention: str | None = None, remat: str = "none", rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
+        self.remat = check_policy(remat)
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         d = cfg.inner_dim
         self.image_projector = ImageProjector(cfg, **kw)
@@ -410,7 +413,8 @@ class GlmImageDiT(nnx.Module):
         stored = []
         for i, block in enumerate(self.transformer_blocks):
             layer_ref = ref_kv[i] if kv_mode == "read" else None
-            img, txt, kv = block(img, txt, temb, cos, sin, kv_mode, layer_ref)
+            img, txt, kv = layer_call(block, self.remat, img, txt, temb, cos, sin, kv_mode, layer_ref,
+                                      static_argnums=(5,))
             stored.append(kv)
 
         out = self.proj_out(self.norm_out(img, temb))

@@ -1,0 +1,99 @@
+"""Shared benchmark helpers: timing, torch -> glm_jax conversion on the device, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from conversion.table import find_torch
+
+
+def timeit(fn: Callable, *, warmup: int = 2, iters: int = 5, sync: Callable = lambda out: out) -> dict:
+    """Median / min wall time of `fn()` after `warmup` calls; `sync(out)` blocks until the result is ready."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "iters": iters}
+
+
+def jax_sync(out):
+    jax.block_until_ready(out)
+    return out
+
+
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"   # tiny configs on CPU, to check a script before GPU time
+
+
+def torch_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync(out):
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
+
+
+def module_from_torch(torch_model, rules, build: Callable[[], nnx.Module], ignore=()) -> nnx.Module:
+    """Fills an abstract glm_jax module from a torch model's state dict, tensor by tensor, on the device
+    (through DLPack, so weights never visit the host)."""
+    abstract = nnx.eval_shape(build)
+    graphdef, state = nnx.split(abstract)
+    pairs = list(nnx.to_flat_state(state))
+    flat = {".".join(str(p) for p in path): var for path, var in pairs}
+    filled = set()
+    for key, tensor in torch_model.state_dict().items():
+        if key in ignore:
+            continue
+        hit = find_torch(rules, key)
+        if hit is None:
+            raise KeyError(f"no rule for {key}")
+        path, rule = hit
+        arr = jax.dlpack.from_dlpack(tensor.detach().contiguous())
+        if rule.transform == "linear":
+            arr = arr.T
+        elif rule.transform == "conv":
+            arr = jnp.transpose(arr, (2, 3, 1, 0))
+        var = flat[path]
+        want = var.get_value()
+        if arr.shape != want.shape:
+            raise ValueError(f"{key}: {arr.shape} vs {want.shape}")
+        var.set_value(jnp.array(arr, dtype=want.dtype, copy=True))
+        filled.add(path)
+    missing = set(flat) - filled
+    if missing:
+        raise KeyError(f"unfilled params: {sorted(missing)[:5]}")
+    return nnx.merge(graphdef, nnx.from_flat_state(pairs))
+
+
+def device_info() -> dict:
+    info = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+    try:
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                      "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return info
+
+
+def write_result(name: str, result: dict) -> None:
+    out = os.environ.get("OUT", "out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(json.dumps(result, indent=2, default=str))
