@@ -16,18 +16,18 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import time  # noqa: E402
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
 
-from benchmarks.common import device_info, jax_sync, module_from_torch, timeit, torch_sync, write_result  # noqa
-from benchmarks.real_configs import AR_CONFIG  # noqa: E402
-from conversion.tables.ar import RULES  # noqa: E402
-from glm_jax.models.ar import ArConfig, GlmImageAR  # noqa: E402
+from benchmarks.common import device_info, jax_sync, module_from_torch, timeit, torch_sync, write_result
+from benchmarks.real_configs import AR_CONFIG
+from conversion.tables.ar import RULES
+from glm_jax.models.ar import ArConfig, GlmImageAR
 
 
 def build_torch():

@@ -7,7 +7,7 @@ import os
 import statistics
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

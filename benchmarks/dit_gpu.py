@@ -16,22 +16,30 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import gc  # noqa: E402
-import time  # noqa: E402
+import gc
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
 
-from benchmarks.common import SMOKE, device_info, jax_sync, module_from_torch, timeit, torch_device, torch_sync, \
-    write_result  # noqa
-from benchmarks.real_configs import DIT_CONFIG, VAE_CONFIG  # noqa: E402
-from conversion.tables import dit as dit_table  # noqa: E402
-from conversion.tables import vae as vae_table  # noqa: E402
-from glm_jax.models.dit import DiTConfig, GlmImageDiT, dit_flops  # noqa: E402
-from glm_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from benchmarks.common import (
+    SMOKE,
+    device_info,
+    jax_sync,
+    module_from_torch,
+    timeit,
+    torch_device,
+    torch_sync,
+    write_result,
+)
+from benchmarks.real_configs import DIT_CONFIG, VAE_CONFIG
+from conversion.tables import dit as dit_table
+from conversion.tables import vae as vae_table
+from glm_jax.models.dit import DiTConfig, GlmImageDiT, dit_flops
+from glm_jax.models.vae import AutoencoderKL, VAEConfig
 
 H = W = 64 if SMOKE else 1024
 T_GLYPH = 5 if SMOKE else 256
@@ -99,12 +107,12 @@ def main():
     res["convert_s"] = time.time() - t0
     graphdef, state = nnx.split(jm)
     del jm
-    to_j = lambda x: jax.dlpack.from_dlpack(x.contiguous())  # noqa: E731
+    to_j = lambda x: jax.dlpack.from_dlpack(x.contiguous())
     j_lat = jnp.transpose(to_j(lat), (0, 2, 3, 1))
     j_args = (to_j(glyph), to_j(prior).astype(jnp.int32), to_j(drop), to_j(t).astype(jnp.float32),
               to_j(size).astype(jnp.float32), to_j(crop).astype(jnp.float32))
     j_cot = jnp.transpose(to_j(cot), (0, 2, 3, 1))
-    del tm
+    tm = None  # free the PyTorch model before the JAX backward
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -141,7 +149,7 @@ def main():
     res["speedup_forward"] = res["torch_forward"]["median_s"] / res["jax_forward"]["median_s"]
     res["speedup_forward_backward"] = (res["torch_forward_backward"]["median_s"]
                                        / res["jax_forward_backward"]["median_s"])
-    del state
+    state = None
     gc.collect()
 
     # -- VAE decode at 1024² ---------------------------------------------------------------------------------

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 
-from conversion.table import Rule, find_jax, find_torch, jax_to_torch_array, torch_shape_for, \
-    torch_shape_to_jax, torch_to_jax_array
+from conversion.table import (
+    Rule,
+    find_jax,
+    find_torch,
+    jax_to_torch_array,
+    torch_shape_for,
+    torch_shape_to_jax,
+    torch_to_jax_array,
+)
 
 
 class ConversionError(ValueError):

@@ -10,8 +10,8 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
