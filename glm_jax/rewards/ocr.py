@@ -2,8 +2,9 @@
 
 Target text: the prompt's quoted strings found by the glyph path's rule (`glm_jax.glyph.quoted_texts`: '...',
 “...”, "...", 「...」, pattern by pattern), joined by one space. Recognised text: tesseract (through pytesseract)
-on the whole image. Both are normalised (Unicode NFKC; lower-cased unless `case_sensitive`; whitespace removed,
-collapsed or kept per `whitespace`), then
+on the whole image converted to 8-bit luminance (PIL "L"; reads cluttered colour scenes better than RGB input).
+Both are normalised (Unicode NFKC; lower-cased unless `case_sensitive`; whitespace removed, collapsed or kept per
+`whitespace`), then
 
     score = 1 - min(1, levenshtein(recognised, target) / len(target))        in [0, 1]
 
@@ -124,7 +125,8 @@ class TextReward(Reward):
         import pytesseract
         from PIL import Image
 
-        return pytesseract.image_to_string(Image.fromarray(image), lang=self.lang, config=self.config,
+        gray = Image.fromarray(image).convert("L")  # reads cluttered colour scenes better than tesseract's own
+        return pytesseract.image_to_string(gray, lang=self.lang, config=self.config,
                                            timeout=self.timeout_s)
 
     def score(self, images: Any, ctx: RewardContext) -> tuple[np.ndarray, dict[str, float]]:
