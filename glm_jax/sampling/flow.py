@@ -1,37 +1,42 @@
-"""Flow-matching rollout of the GLM-Image DiT: CFG velocity, Euler ODE sampler, Flow-GRPO SDE sampler with per-step
-log-probs, replay of one step, closed-form KL, noise keys, the i2i reference K/V and VAE decoding.
+"""Flow-matching rollout of the GLM-Image DiT: CFG velocity, Euler ODE sampler, Flow-GRPO SDE sampler with
+per-step log-probs, replay of one step, closed-form KL, noise keys, the i2i reference K/V and VAE decoding.
 
 Conventions (`design/grpo_math.md` §3, `design/glm_image_architecture.md` §1.6-1.8):
 
-* Latents are channels-last `[B, H/8, W/8, 16]` and float32 between steps; the DiT input is cast to the DiT dtype
-  and its output back to float32 (the pipeline's `.float()`), so every update below is float32 arithmetic.
+* Latents are channels-last `[B, H/8, W/8, 16]` and float32 between steps; the DiT input is cast to the DiT
+  dtype and its output back to float32 (the pipeline's `.float()`), so every update below is float32
+  arithmetic.
 * Flow convention `x_sigma = (1 - sigma) x0 + sigma eps`, the DiT predicts `v ~ eps - x0`; sigma falls 1 -> 0.
-  The DiT is conditioned on `schedule.timesteps[k]` (= t_k - 1, unshifted) while the updates use the shifted sigmas.
-* CFG (`velocity`): `v = v_u + g (v_c - v_u)` in float32 when `g > 1`, exactly one (conditional) pass otherwise,
-  as the pipeline's `do_classifier_free_guidance = guidance_scale > 1`. The conditional pass sees the glyph
-  embeddings, the prior ids with drop False and (i2i) the reference K/V in mode "read"; the unconditional pass sees
-  the negative glyph embeddings (glyph of "", `[B, 1, D]`), drop True, and mode "skip". The two passes are TWO DiT
-  calls, not one concatenated batch: the DiT attends to every glyph position (no mask), so padding the negative to
-  the conditional length would change v_u, and the reference keys may only reach the conditional rows. Rollout and
-  replay both go through `velocity`, so they batch identically. The unconditional branch is detached
-  (`v = sg(v_u) + g (v_c - sg(v_u))`, Flow-GRPO's training form); its forward value is unchanged.
+  The DiT is conditioned on `schedule.timesteps[k]` (= t_k - 1, unshifted) while the updates use the shifted
+  sigmas.
+* CFG (`velocity`): `v = v_u + g (v_c - v_u)` in float32 when `g > 1`, exactly one (conditional) pass
+  otherwise, as the pipeline's `do_classifier_free_guidance = guidance_scale > 1`. The conditional pass sees
+  the glyph embeddings, the prior ids with drop False and (i2i) the reference K/V in mode "read"; the
+  unconditional pass sees the negative glyph embeddings (glyph of "", `[B, 1, D]`), drop True, and mode
+  "skip". The two passes are TWO DiT calls, not one concatenated batch: the DiT attends to every glyph
+  position (no mask), so padding the negative to the conditional length would change v_u, and the reference
+  keys may only reach the conditional rows. Rollout and replay both go through `velocity`, so they batch
+  identically. The unconditional branch is detached (`v = sg(v_u) + g (v_c - sg(v_u))`, Flow-GRPO's training
+  form); its forward value is unchanged.
 * ODE step (`FlowMatchEulerDiscreteScheduler.step`): `x <- x + (sigma_{k+1} - sigma_k) v`.
-* SDE step, Flow-GRPO kernel 'sde' with noise level a:
-  `g_k = a sqrt(sigma_k / (1 - sigma'_k))`, sigma'_k = sigma_1 if sigma_k == 1 else sigma_k;
-  `m_k = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt`, `s_k = g_k sqrt(-dt)`;
-  kernel 'cps': `s_k = sigma_{k+1} sin(a pi / 2)`, `m_k = x0 (1 - sigma_{k+1}) + eps sqrt(sigma_{k+1}^2 - s_k^2)`
-  with `x0 = x - sigma v`, `eps = x + (1 - sigma) v`. Then `x_{k+1} = m_k + s_k xi_k`. With a = 0 both are the
-  Euler step.
+* SDE step, Flow-GRPO kernel 'sde' with noise level a, `sigma'_k = sigma_1 if sigma_k == 1 else sigma_k`:
+      g_k = a sqrt(sigma_k / (1 - sigma'_k))     s_k = g_k sqrt(-dt)
+      m_k = x (1 + g_k^2 dt / (2 sigma_k)) + v (1 + g_k^2 (1 - sigma_k) / (2 sigma_k)) dt
+  kernel 'cps' (`x0 = x - sigma_k v`, `eps = x + (1 - sigma_k) v`):
+      s_k = sigma_{k+1} sin(a pi / 2)            m_k = x0 (1 - sigma_{k+1}) + eps sqrt(sigma_{k+1}^2 - s_k^2)
+  Then `x_{k+1} = m_k + s_k xi_k`. With a = 0 both are the Euler step.
 * Log-prob per sample, float32, MEAN over the latent dims (§3.3), the sample `x_{k+1}` held constant:
   'sde' `lp = -mean((x' - m)^2) / (2 s^2) - log s - log sqrt(2 pi)`; 'cps' `lp = -mean((x' - m)^2)`.
   It is never evaluated where `s_k = 0` (stored as 0 there).
-* Noise: the per-step noise of sample `i` at step `k` is `normal(fold_in(fold_in(root, i), k))` where `i` is the
-  GLOBAL sample id (unique over hosts and devices), so no two members of a group share noise. Initial latents are
-  `normal(fold_in(root_x, i))`; with `same_latent` all members of a group use `i = group id` instead.
+* Noise: the per-step noise of sample `i` at step `k` is `normal(fold_in(fold_in(root, i), k))` where `i` is
+  the GLOBAL sample id (unique over hosts and devices), so no two members of a group share noise. Initial
+  latents are `normal(fold_in(root_x, i))`; with `same_latent` all members of a group use `i = group id`
+  instead.
 
-Every function taking `dit` is pure and meant to run inside `jax.jit`; the loops over steps are `lax.fori_loop`.
-The `*_jit` wrappers split the module (`nnx.split`) and jit over its state, with the schedule, guidance, kernel and
-step count static where they change shapes or the number of DiT calls.
+Every function taking `dit` is pure and meant to run inside `jax.jit`; the loops over steps are
+`lax.fori_loop`. The `*_jit` wrappers split the module (`nnx.split`) and jit over its state; guidance,
+kernel and the SDE step count are static (they change the number of DiT calls or shapes), while the schedule
+arrays, the noise level, the SDE mask and the step index are traced.
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ class FlowCond(NamedTuple):
     """Per-batch conditioning of the DiT for one rollout (a pytree; `None` fields are absent).
 
     `glyph_BTD` / `neg_glyph_BTD`: conditional / negative glyph embeddings (the negative is needed when
-    guidance > 1). `prior_ids_BN`: int32 AR prior ids upsampled to the DiT grid. `target_size_B2` / `crop_coords_B2`:
-    float32 `(H, W)` pixels and `(top, left)`. `ref_kv`: reference K/V from `reference_kv` (i2i) or None (t2i).
+    guidance > 1). `prior_ids_BN`: int32 AR prior ids upsampled to the DiT grid. `target_size_B2` /
+    `crop_coords_B2`: float32 `(H, W)` pixels and `(top, left)`. `ref_kv`: reference K/V from `reference_kv`
+    (i2i) or None (t2i).
     """
 
     glyph_BTD: jax.Array
@@ -69,7 +75,7 @@ class FlowCond(NamedTuple):
 
 def make_cond(glyph_BTD, prior_ids_BN, height: int, width: int, *, neg_glyph_BTD=None, ref_kv=None,
               crop_top_left: tuple[int, int] = (0, 0)) -> FlowCond:
-    """`FlowCond` with the pipeline's `target_size = (H, W)` and `crop_coords = crops_coords_top_left` per row."""
+    """`FlowCond` with the pipeline's `target_size = (H, W)` and `crop_coords = crops_coords_top_left`."""
     b = prior_ids_BN.shape[0]
     return FlowCond(glyph_BTD=glyph_BTD, prior_ids_BN=jnp.asarray(prior_ids_BN, jnp.int32),
                     target_size_B2=jnp.tile(jnp.asarray([[height, width]], jnp.float32), (b, 1)),
@@ -78,7 +84,7 @@ def make_cond(glyph_BTD, prior_ids_BN, height: int, width: int, *, neg_glyph_BTD
 
 
 class StepOut(NamedTuple):
-    """One transition `x_k -> x_{k+1}`: mean `m_k`, std `s_k` (scalar or per sample) and log-prob `lp_k` `[B]`."""
+    """One transition `x_k -> x_{k+1}`: mean `m_k`, std `s_k` (scalar or `[B]`) and log-prob `lp_k` `[B]`."""
 
     mean: jax.Array
     std: jax.Array
@@ -88,7 +94,8 @@ class StepOut(NamedTuple):
 class SdeRollout(NamedTuple):
     """Result of `sde_sample`: final latents and, for the J SDE steps in order, the stored transitions.
 
-    `steps [J]` step indices k; `x`, `x_next`, `mean` `[B, J, h, w, c]` float32; `std [J]` s_k; `logprob [B, J]`.
+    `steps [J]` step indices k; `x`, `x_next`, `mean` `[B, J, h, w, c]` float32; `std [J]` s_k; `logprob [B,
+    J]`.
     """
 
     latents: jax.Array
@@ -100,7 +107,7 @@ class SdeRollout(NamedTuple):
     logprob: jax.Array
 
 
-# ----------------------------------------------------------------------------------------------------- noise keys
+# ---------------------------------------------------------------------- noise keys
 
 
 def sample_key(root: jax.Array, sample_ids: jax.Array) -> jax.Array:
@@ -109,7 +116,7 @@ def sample_key(root: jax.Array, sample_ids: jax.Array) -> jax.Array:
 
 
 def step_noise(root: jax.Array, sample_ids: jax.Array, k, shape: tuple[int, ...]) -> jax.Array:
-    """Per-sample standard normal noise of step `k`: `normal(fold_in(fold_in(root, i), k), shape)` -> `[B, *shape]`."""
+    """Noise of step `k` per sample id `i`: `normal(fold_in(fold_in(root, i), k), shape)` -> `[B, *shape]`."""
     keys = sample_key(root, sample_ids)
     k = jnp.asarray(k, jnp.uint32)
     return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), shape, jnp.float32))(keys)
@@ -119,8 +126,8 @@ def initial_latents(root_x: jax.Array, sample_ids: jax.Array, latent_shape: tupl
                     same_latent: bool = False, group_size: int = 1) -> jax.Array:
     """x_T `[B, *latent_shape]` float32: `normal(fold_in(root_x, i))` for global sample id `i`.
 
-    With `same_latent`, `i` is replaced by the group id `sample_id // group_size`, so all members of a group start
-    from the same x_T (and different groups from different ones).
+    With `same_latent`, `i` is replaced by the group id `sample_id // group_size`, so all members of a group
+    start from the same x_T (and different groups from different ones).
     """
     ids = jnp.asarray(sample_ids, jnp.int32)
     if same_latent:
@@ -134,7 +141,7 @@ def latent_shape(height: int, width: int, channels: int = 16, vae_scale: int = 8
     return (height // vae_scale, width // vae_scale, channels)
 
 
-# --------------------------------------------------------------------------------------------------------- velocity
+# ------------------------------------------------------------------------ velocity
 
 
 def _dit_dtype(dit) -> Any:
@@ -163,13 +170,13 @@ def velocity(dit, x_BHWC: jax.Array, k, cond: FlowCond, guidance: float, sched: 
         return v_c
     if cond.neg_glyph_BTD is None:
         raise ValueError("guidance > 1 needs cond.neg_glyph_BTD (the glyph embedding of \"\")")
-    v_u, _ = dit(x_in, cond.neg_glyph_BTD, cond.prior_ids_BN, ~drop, t_B, cond.target_size_B2, cond.crop_coords_B2,
-                 kv_mode="skip" if has_ref else "none", ref_kv=None)
+    v_u, _ = dit(x_in, cond.neg_glyph_BTD, cond.prior_ids_BN, ~drop, t_B, cond.target_size_B2,
+                 cond.crop_coords_B2, kv_mode="skip" if has_ref else "none", ref_kv=None)
     v_u = jax.lax.stop_gradient(v_u.astype(jnp.float32))
     return v_u + guidance * (v_c - v_u)
 
 
-# ------------------------------------------------------------------------------------------------------ transitions
+# --------------------------------------------------------------------- transitions
 
 
 def _sigma(sched: FlowSchedule, k, ndim: int) -> tuple[jax.Array, jax.Array]:
@@ -186,7 +193,7 @@ def euler_step(x: jax.Array, v: jax.Array, sched: FlowSchedule, k) -> jax.Array:
 
 
 def transition_std(sched: FlowSchedule, k, noise_level, kernel: str = "sde") -> tuple[jax.Array, jax.Array]:
-    """`(std_dev_t, s_k)` of step `k`: Flow-GRPO's `std_dev_t` (g_k for 'sde', s_k for 'cps') and the true std s_k.
+    """`(std_dev_t, s_k)` of step `k`: Flow-GRPO's `std_dev_t` (g_k for 'sde', s_k for 'cps') and the std s_k.
 
     `std_dev_t` is what Flow-GRPO's KL divides by (`kl_fg`); `s_k` is the transition's standard deviation.
     """
@@ -204,7 +211,7 @@ def transition_std(sched: FlowSchedule, k, noise_level, kernel: str = "sde") -> 
 
 def transition_mean(x: jax.Array, v: jax.Array, sched: FlowSchedule, k, noise_level,
                     kernel: str = "sde") -> tuple[jax.Array, jax.Array]:
-    """Mean `m_k` and std `s_k` of `x_{k+1} | x_k` for the given kernel (float32; equals the Euler step when a = 0)."""
+    """Mean `m_k` and std `s_k` of `x_{k+1} | x_k` (float32; the Euler step and 0 when a = 0)."""
     sigma, sigma_next = _sigma(sched, k, x.ndim)
     g, s = transition_std(sched, k, noise_level, kernel)
     g = g.reshape(sigma.shape)
@@ -238,7 +245,7 @@ def gaussian_logprob(x_next: jax.Array, mean: jax.Array, std: jax.Array, kernel:
 
 
 def mean_kl(mean_a: jax.Array, mean_b: jax.Array, std) -> jax.Array:
-    """Closed-form per-sample KL of two Gaussians with equal std, MEAN over latent dims: `mean((m_a-m_b)^2)/(2 std^2)`.
+    """Closed-form per-sample KL of two Gaussians of equal std, MEAN over latent dims: `mean(dm^2)/(2 std^2)`.
 
     Pass `std = s_k` for the exact KL_k, or `std = std_dev_t` (`transition_std(...)[0]`) for Flow-GRPO's KL
     (`kl_fg`), the convention its beta values were tuned in (= h_k * KL_k for 'sde').
@@ -257,7 +264,7 @@ def kl_fg(mean_theta: jax.Array, mean_ref: jax.Array, sched: FlowSchedule, k, no
 
 def step_logprob(dit, x_k: jax.Array, x_next: jax.Array, k, cond: FlowCond, sched: FlowSchedule, *,
                  guidance: float = 1.0, noise_level=0.7, kernel: str = "sde") -> StepOut:
-    """Recomputes `m_k`, `s_k` and `lp_k` for a stored transition (GRPO replay), by the sampler's own code path.
+    """Recomputes `m_k`, `s_k` and `lp_k` of a stored transition (GRPO replay) by the sampler's code path.
 
     `k` is an int or `[B]` ints. Gradients flow into the DiT through `m_k`; `x_next` is a constant.
     """
@@ -266,11 +273,12 @@ def step_logprob(dit, x_k: jax.Array, x_next: jax.Array, k, cond: FlowCond, sche
     return StepOut(mean=mean, std=std, logprob=gaussian_logprob(x_next, mean, std, kernel))
 
 
-# --------------------------------------------------------------------------------------------------------- samplers
+# ------------------------------------------------------------------------ samplers
 
 
-def ode_sample(dit, x_T: jax.Array, cond: FlowCond, sched: FlowSchedule, *, guidance: float = 1.0) -> jax.Array:
-    """Deterministic Euler sampling over all N steps (the pipeline's loop); returns the final float32 latents."""
+def ode_sample(dit, x_T: jax.Array, cond: FlowCond, sched: FlowSchedule, *,
+               guidance: float = 1.0) -> jax.Array:
+    """Deterministic Euler sampling over all N steps (the pipeline's loop) -> final float32 latents."""
     n = len(sched.timesteps)
 
     def body(k, x):
@@ -293,8 +301,9 @@ def sde_sample(dit, x_T: jax.Array, cond: FlowCond, sched: FlowSchedule, noise_r
     """Flow-GRPO rollout: SDE steps where `sde_mask[k]` (default: every step), Euler ODE steps elsewhere.
 
     `sde_mask` is a bool `[N]` (host or traced; a traced mask, e.g. a random window, needs the static count
-    `num_sde_steps`). Noise of sample `i` at step `k` is `step_noise(noise_root, sample_ids, k)`. For the J SDE steps
-    the rollout stores `x_k`, `x_{k+1}`, `m_k`, `s_k` and `lp_k` (see `SdeRollout`); replay with `step_logprob`.
+    `num_sde_steps`). Noise of sample `i` at step `k` is `step_noise(noise_root, sample_ids, k)`. For the J
+    SDE steps the rollout stores `x_k`, `x_{k+1}`, `m_k`, `s_k` and `lp_k` (see `SdeRollout`); replay with
+    `step_logprob`.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -331,18 +340,18 @@ def sde_sample(dit, x_T: jax.Array, cond: FlowCond, sched: FlowSchedule, noise_r
         steps = jnp.where(on, steps.at[slot].set(k), steps)
         stds = jnp.where(on, stds.at[slot].set(std), stds)
         lps = jnp.where(on, lps.at[:, slot].set(lp), lps)
-        return (x_next, steps, write(xs, slot, x, on), write(xns, slot, x_next, on), write(means, slot, mean, on),
-                stds, lps)
+        return (x_next, steps, write(xs, slot, x, on), write(xns, slot, x_next, on),
+                write(means, slot, mean, on), stds, lps)
 
     x, steps, xs, xns, means, stds, lps = jax.lax.fori_loop(0, n, body, init)
     return SdeRollout(latents=x, steps=steps, x=xs, x_next=xns, mean=means, std=stds, logprob=lps)
 
 
-# ------------------------------------------------------------------------------------------------ i2i reference K/V
+# --------------------------------------------------------------- i2i reference K/V
 
 
 def _concat_kv(kvs: list) -> Any:
-    """Concatenates per-source K/V pytrees along the sequence axis (axis 1 of every `[B, S, heads, head_dim]`)."""
+    """Concatenates per-source K/V pytrees along the sequence (axis 1 of `[B, S, heads, head_dim]`)."""
     if len(kvs) == 1:
         return kvs[0]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *kvs)
@@ -351,11 +360,11 @@ def _concat_kv(kvs: list) -> Any:
 def reference_kv(dit, ref_latents, ref_prior_ids, ref_target_size) -> Any:
     """Per-layer reference K/V of the i2i source images, computed once and read at every step.
 
-    Each source `r` (lists, or one array for a single source): normalised VAE mean latents `[B_r, h, w, 16]`, its
-    x2-upsampled VQ prior ids `[B_r, (h/2)(w/2)]`, and its floored pixel size `(h*8, w*8)` (a pair or `[B_r, 2]`).
-    One DiT pass per source in mode "write" with glyph length 0, drop False, timestep 0 and crop (0, 0), as the
-    pipeline does; several sources are concatenated along the sequence. `B_r = 1` is broadcast over the batch when
-    read; `B_r = B` gives every sample its own sources.
+    Each source `r` (lists, or one array for a single source): normalised VAE mean latents `[B_r, h, w, 16]`,
+    its x2-upsampled VQ prior ids `[B_r, (h/2)(w/2)]`, and its floored pixel size `(h*8, w*8)` (a pair or
+    `[B_r, 2]`). One DiT pass per source in mode "write" with glyph length 0, drop False, timestep 0 and crop
+    (0, 0), as the pipeline does; several sources are concatenated along the sequence. `B_r = 1` is broadcast
+    over the batch when read; `B_r = B` gives every sample its own sources.
     """
     if not isinstance(ref_latents, (list, tuple)):
         ref_latents, ref_prior_ids, ref_target_size = [ref_latents], [ref_prior_ids], [ref_target_size]
@@ -380,14 +389,14 @@ def _glyph_dim(dit) -> int:
     raise AttributeError("cannot find the DiT's glyph (text_embed_dim) width on its config")
 
 
-# ------------------------------------------------------------------------------------------------------ VAE decode
+# ---------------------------------------------------------------------- VAE decode
 
 
 def decode_float(vae, latents_BHWC: jax.Array) -> jax.Array:
     """Final latents -> images in [0, 1] `[B, H, W, 3]` float32, as the pipeline's `output_type="np"`.
 
-    Latents are cast to the VAE dtype, de-normalised (`z * std_c + mean_c`), decoded, then `(x * 0.5 + 0.5)` is
-    clamped to [0, 1] in the image dtype.
+    Latents are cast to the VAE dtype, de-normalised (`z * std_c + mean_c`), decoded, then `(x * 0.5 + 0.5)`
+    is clamped to [0, 1] in the image dtype.
     """
     z = vae.denormalize(latents_BHWC.astype(vae.dtype))
     return jnp.clip(vae.decode(z) * 0.5 + 0.5, 0, 1).astype(jnp.float32)
@@ -399,7 +408,7 @@ def decode_images(vae, latents_BHWC: jax.Array) -> jax.Array:
     return to_uint8(vae.decode(vae.denormalize(latents_BHWC.astype(vae.dtype))))
 
 
-# --------------------------------------------------------------------------------------------------- jit wrappers
+# -------------------------------------------------------------------- jit wrappers
 
 
 @partial(jax.jit, static_argnums=(0,), static_argnames=("guidance",))
@@ -427,8 +436,9 @@ def _sde_jit(graphdef, state, x_T, cond, sched_arrays, noise_root, sample_ids, n
                       num_sde_steps=num_sde_steps)
 
 
-def sde_sample_jit(dit, x_T, cond: FlowCond, sched: FlowSchedule, noise_root, sample_ids, *, guidance: float = 1.0,
-                   noise_level=0.7, kernel: str = "sde", sde_mask=None, num_sde_steps: int | None = None
+def sde_sample_jit(dit, x_T, cond: FlowCond, sched: FlowSchedule, noise_root, sample_ids, *,
+                   guidance: float = 1.0, noise_level=0.7, kernel: str = "sde", sde_mask=None,
+                   num_sde_steps: int | None = None
                    ) -> SdeRollout:
     """`sde_sample` jitted over the DiT state; the mask is traced, its count static."""
     n = len(sched.timesteps)
@@ -437,8 +447,8 @@ def sde_sample_jit(dit, x_T, cond: FlowCond, sched: FlowSchedule, noise_root, sa
     j = _num_sde(sde_mask, num_sde_steps)
     graphdef, state = nnx.split(dit)
     return _sde_jit(graphdef, state, x_T, cond, _sched_arrays(sched), noise_root, jnp.asarray(sample_ids),
-                    jnp.asarray(noise_level, jnp.float32), jnp.asarray(sde_mask, bool), guidance=float(guidance),
-                    kernel=kernel, num_sde_steps=j)
+                    jnp.asarray(noise_level, jnp.float32), jnp.asarray(sde_mask, bool),
+                    guidance=float(guidance), kernel=kernel, num_sde_steps=j)
 
 
 @partial(jax.jit, static_argnums=(0,), static_argnames=("guidance", "kernel"))
@@ -450,9 +460,10 @@ def _replay_jit(graphdef, state, x_k, x_next, k, cond, sched_arrays, noise_level
 
 def step_logprob_jit(dit, x_k, x_next, k, cond: FlowCond, sched: FlowSchedule, *, guidance: float = 1.0,
                      noise_level=0.7, kernel: str = "sde") -> StepOut:
-    """`step_logprob` jitted over the DiT state (`k` traced: one compile for all steps)."""
+    """`step_logprob` jitted over the DiT state; `k` is traced and broadcast to `[B]` (one compile)."""
     graphdef, state = nnx.split(dit)
-    return _replay_jit(graphdef, state, x_k, x_next, jnp.asarray(k, jnp.int32), cond, _sched_arrays(sched),
+    k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (x_k.shape[0],))  # same compile for shared / per-sample k
+    return _replay_jit(graphdef, state, x_k, x_next, k, cond, _sched_arrays(sched),
                        jnp.asarray(noise_level, jnp.float32), guidance=float(guidance), kernel=kernel)
 
 

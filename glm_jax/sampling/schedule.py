@@ -3,16 +3,17 @@
 Reproduces, bit for bit, what `GlmImagePipeline.__call__` (diffusers 0.42.1) hands to and gets back from
 `FlowMatchEulerDiscreteScheduler.set_timesteps(timesteps=..., sigmas=..., mu=...)`:
 
-    t_k   = float32(int64(linspace(T, 1, N + 1)[:-1]))        T = num_train_timesteps (1000)
-    s_k   = t_k / T                                             (float32)
-    mu    = sqrt(S / base_seq_len) * max_shift + base_shift     S = (H/8)(W/8)/4, the DiT image token count
-    sigma = mu / (mu + (1/s - 1) ** 1.0)                        "linear" time shift, float32; sigma_N = 0 appended
+    t_k   = float32(int64(linspace(T, 1, N + 1)[:-1]))      T = num_train_timesteps (1000)
+    s_k   = t_k / T                                           (float32)
+    mu    = sqrt(S / base_seq_len) * max_shift + base_shift   S = (H/8)(W/8)/4 DiT image tokens
+    sigma = mu / (mu + (1/s - 1) ** 1.0)                      "linear" time shift, float32; then sigma_N = 0
 
-Because the pipeline passes both `timesteps` and `sigmas`, the scheduler keeps the UNSHIFTED integer `t_k`, and the
-DiT is conditioned on `t_k - 1` (999, 979, ... for 50 steps) while the Euler / SDE updates use the shifted sigmas.
-The arithmetic is numpy float32 in the same order as diffusers (mu a Python float, which numpy >= 2 applies as a
-float32 scalar): a float64-then-cast path differs from `scheduler.sigmas` by 1 ulp in some entries, and rollout and
-replay must share one float32 array. Note the pipeline's `calculate_shift` ignores `max_image_seq_len`.
+Because the pipeline passes both `timesteps` and `sigmas`, the scheduler keeps the UNSHIFTED integers `t_k`:
+the DiT is conditioned on `t_k - 1` (999, 979, ... for 50 steps) while the Euler / SDE updates use the shifted
+sigmas. The arithmetic is numpy float32 in the same order as diffusers (mu a Python float, which numpy >= 2
+applies as a float32 scalar): a float64-then-cast path differs from `scheduler.sigmas` by 1 ulp in some
+entries, and rollout and replay must share one float32 array. The pipeline's `calculate_shift` ignores
+`max_image_seq_len`.
 
 The i2i reference pass (`reference_kv`) is conditioned on timestep 0 (not -1): `REFERENCE_TIMESTEP`.
 """
@@ -44,7 +45,7 @@ def image_seq_len(height: int, width: int, vae_scale: int = VAE_SCALE, patch: in
 
 def calculate_shift(seq_len: int, base_seq_len: int = 256, base_shift: float = 0.25,
                     max_shift: float = 0.75) -> float:
-    """`mu = sqrt(seq_len / base_seq_len) * max_shift + base_shift` (the GLM pipeline's form, Python floats)."""
+    """`mu = sqrt(seq_len / base_seq_len) * max_shift + base_shift` (the GLM pipeline's form)."""
     return (seq_len / base_seq_len) ** 0.5 * max_shift + base_shift
 
 
@@ -62,9 +63,9 @@ def flow_schedule(num_steps: int, height: int, width: int, scheduler_config: dic
                   vae_scale: int = VAE_SCALE, patch: int = PATCH) -> FlowSchedule:
     """The pipeline's schedule for `num_steps` Euler steps at `height x width` pixels.
 
-    Returns DiT timesteps `t_k - 1` (float32 `[N]`), sigmas (float32 `[N+1]`, equal to `scheduler.sigmas`) and `mu`.
-    Options the GLM checkpoint does not use (karras / exponential / beta sigmas, shift_terminal, invert_sigmas)
-    are rejected rather than silently ignored.
+    Returns DiT timesteps `t_k - 1` (float32 `[N]`), sigmas (float32 `[N+1]`, equal to `scheduler.sigmas`) and
+    `mu`. Options the GLM checkpoint does not use (karras / exponential / beta sigmas, shift_terminal,
+    invert_sigmas) are rejected rather than silently ignored.
     """
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                 "shift_terminal"):
