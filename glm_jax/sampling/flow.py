@@ -303,7 +303,8 @@ def sde_sample(dit, x_T: jax.Array, cond: FlowCond, sched: FlowSchedule, noise_r
     `sde_mask` is a bool `[N]` (host or traced; a traced mask, e.g. a random window, needs the static count
     `num_sde_steps`). Noise of sample `i` at step `k` is `step_noise(noise_root, sample_ids, k)`. For the J
     SDE steps the rollout stores `x_k`, `x_{k+1}`, `m_k`, `s_k` and `lp_k` (see `SdeRollout`); replay with
-    `step_logprob`.
+    `step_logprob`. 'cps' has `s_{N-1} = 0`: a last step in the mask is deterministic and stored with lp 0,
+    so leave it out of the trained steps.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
