@@ -104,6 +104,8 @@ def test_lpips_resizes_to_target_and_groups_target_sizes(lpips_alex):
     other = np.asarray(Image.fromarray(scene(96, 128, 6)).resize((256, 192), Image.BICUBIC))
     imgs = np.stack([big, other, np.asarray(Image.fromarray(t2).resize((256, 192), Image.BICUBIC))])
     both = lpips_alex(imgs, ctx_for(3, [t1, t1, t2])).scores
+    chunked = R.make_reward("lpips", chunk=1)(imgs, ctx_for(3, [t1, t1, t2])).scores
+    np.testing.assert_allclose(chunked, both, rtol=1e-5)
     one = lpips_alex(imgs[2:], ctx_for(1, [t2])).scores
     assert both[0] > -0.1 and both[1] < both[0] - 0.1
     np.testing.assert_allclose(both[2], one[0], rtol=1e-5)
@@ -118,6 +120,8 @@ def test_lpips_options():
         R.make_reward("lpips", transform="square")
     with pytest.raises(R.RewardError, match="net"):
         R.make_reward("lpips", net="resnet")
+    with pytest.raises(R.RewardError, match="at least 32x32"):
+        r(t[None, :20, :40], ctx_for(1, [t[:20, :40]]))
 
 
 # ------------------------------------------------------------------------------------------------ SSIM

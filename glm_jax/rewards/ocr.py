@@ -24,6 +24,7 @@ import concurrent.futures as cf
 import logging
 import os
 import shutil
+import time
 import unicodedata
 from typing import Any
 
@@ -136,10 +137,12 @@ class TextReward(Reward):
         todo = [i for i, t in enumerate(targets) if t]
         host = np.asarray(images) if todo else None
         futures = {i: self._pool.submit(self.recognise, host[i]) for i in todo}
+        # pytesseract kills tesseract after timeout_s; this deadline only guards against a hung worker.
+        deadline = time.monotonic() + self.timeout_s * -(-len(todo) // self.workers) + 5.0
         failures = timeouts = 0
         for i, fut in futures.items():
             try:
-                text = fut.result(timeout=self.timeout_s + 5.0)  # pytesseract kills tesseract at timeout_s
+                text = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 out[i] = text_score(norm(text), targets[i])
             except Exception as e:  # noqa: BLE001 - any OCR failure is scored by the documented rule
                 is_timeout = isinstance(e, cf.TimeoutError) or "timeout" in str(e).lower()
