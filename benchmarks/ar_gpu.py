@@ -24,17 +24,33 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.common import device_info, jax_sync, module_from_torch, timeit, torch_sync, write_result
+from benchmarks.common import (
+    SMOKE,
+    device_info,
+    jax_sync,
+    module_from_torch,
+    timeit,
+    torch_device,
+    torch_sync,
+    write_result,
+)
 from benchmarks.real_configs import AR_CONFIG
 from conversion.tables.ar import RULES
 from glm_jax.models.ar import ArConfig, GlmImageAR
+
+DEV = torch_device()
+ATTN = "cudnn" if DEV == "cuda" else None
+if SMOKE:
+    from glm_jax.tiny import tiny_ar_config
+    AR_CONFIG = dict(tiny_ar_config(), dtype="bfloat16")  # noqa: F811
+TEXT_LO = AR_CONFIG["text_config"]["vision_vocab_size"]
 
 
 def build_torch():
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
     cfg = GlmImageConfig(**{k: v for k, v in AR_CONFIG.items() if k not in ("model_type", "architectures")})
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEV):
         model = GlmImageForConditionalGeneration._from_config(cfg, torch_dtype=torch.bfloat16).eval()
     return model
 
@@ -47,16 +63,16 @@ def main():
     cfg = ArConfig.from_hf(AR_CONFIG)
     t0 = time.time()
     jm = module_from_torch(tm, RULES, lambda: GlmImageAR(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                                          rngs=nnx.Rngs(0), implementation="cudnn"))
+                                                          rngs=nnx.Rngs(0), implementation=ATTN))
     res["convert_s"] = time.time() - t0
     graphdef, state = nnx.split(jm)
     v_text = cfg.text.vocab_size
 
     # -- parity: last-position logits of a 64-token prompt ------------------------------------------------
     rng = np.random.default_rng(0)
-    ids = rng.integers(16512, v_text, (1, 64))
+    ids = rng.integers(TEXT_LO, v_text, (1, 64))
     with torch.no_grad():
-        ref = tm(input_ids=torch.tensor(ids, device="cuda")).logits[0, -1].float().cpu().numpy()
+        ref = tm(input_ids=torch.tensor(ids, device=DEV)).logits[0, -1].float().cpu().numpy()
     pos = jnp.broadcast_to(jnp.arange(64)[None, None], (3, 1, 64))
 
     @jax.jit
@@ -68,8 +84,8 @@ def main():
     res["logits_argmax_equal"] = bool(out.argmax() == ref.argmax())
 
     # -- prefill 1024 tokens ------------------------------------------------------------------------------
-    L = 1024
-    ids = jnp.asarray(rng.integers(16512, v_text, (1, L)))
+    L = 64 if SMOKE else 1024
+    ids = jnp.asarray(rng.integers(TEXT_LO, v_text, (1, L)))
     pos = jnp.broadcast_to(jnp.arange(L)[None, None], (3, 1, L))
 
     @jax.jit
@@ -79,45 +95,42 @@ def main():
         return m.prefill(ids, pos, None, cache)
 
     res["jax_prefill_1024"] = timeit(lambda: prefill(state, ids, pos), sync=jax_sync)
-    tids = torch.tensor(np.asarray(ids), device="cuda")
+    tids = torch.tensor(np.asarray(ids), device=DEV)
     with torch.no_grad():
         res["torch_prefill_1024"] = timeit(lambda: tm(input_ids=tids, logits_to_keep=1).logits, sync=torch_sync)
 
     # -- decode ---------------------------------------------------------------------------------------------
-    S, P = 1408, 64
+    S, P = (160, 16) if SMOKE else (1408, 64)
 
-    def make_decode(n_steps):
-        @jax.jit
-        def run(state, ids):
-            m = nnx.merge(graphdef, state)
-            b = ids.shape[0]
-            pos = jnp.broadcast_to(jnp.arange(P)[None, None], (3, b, P))
-            cache = m.init_cache(b, S)
-            logits, cache = m.prefill(ids, pos, None, cache)
+    @jax.jit
+    def decode_loop(state, ids, n_steps):
+        m = nnx.merge(graphdef, state)
+        b = ids.shape[0]
+        pos = jnp.broadcast_to(jnp.arange(P)[None, None], (3, b, P))
+        cache = m.init_cache(b, S)
+        logits, cache = m.prefill(ids, pos, None, cache)
 
-            def body(i, carry):
-                logits, cache, acc = carry
-                tok = jnp.argmax(logits, -1).astype(jnp.int32)
-                p = jnp.full((3, b), P + i, jnp.int32)
-                logits, cache = m.decode(tok, p, cache, P + i)
-                return logits, cache, acc + tok
-            _, _, acc = jax.lax.fori_loop(0, n_steps, body, (logits, cache, jnp.zeros((b,), jnp.int32)))
-            return acc
-        return run
+        def body(i, carry):
+            logits, cache, acc = carry
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            p = jnp.full((3, b), P + i, jnp.int32)
+            logits, cache = m.decode(tok, p, cache, P + i)
+            return logits, cache, acc + tok
+        _, _, acc = jax.lax.fori_loop(0, n_steps, body, (logits, cache, jnp.zeros((b,), jnp.int32)))
+        return acc
 
-    n1, n2 = 32, 288
-    d1, d2 = make_decode(n1), make_decode(n2)
+    n1, n2 = (8, 40) if SMOKE else (32, 288)
     for b in (1, 8, 32):
-        ids = jnp.asarray(rng.integers(16512, v_text, (b, P)))
-        t1 = timeit(lambda: d1(state, ids), sync=jax_sync, warmup=1, iters=3)["median_s"]
-        t2 = timeit(lambda: d2(state, ids), sync=jax_sync, warmup=1, iters=3)["median_s"]
+        ids = jnp.asarray(rng.integers(TEXT_LO, v_text, (b, P)))
+        t1 = timeit(lambda: decode_loop(state, ids, n1), sync=jax_sync, warmup=1, iters=3)["median_s"]
+        t2 = timeit(lambda: decode_loop(state, ids, n2), sync=jax_sync, warmup=1, iters=3)["median_s"]
         res[f"jax_decode_b{b}_steps_per_s"] = (n2 - n1) / (t2 - t1)
         res[f"jax_decode_b{b}_step_ms"] = 1e3 * (t2 - t1) / (n2 - n1)
 
     for impl in ("static", "dynamic"):
         for b in (1, 8, 32):
-            tids = torch.tensor(rng.integers(16512, v_text, (b, P)), device="cuda")
-            kw = dict(do_sample=False, pad_token_id=16385, eos_token_id=None)
+            tids = torch.tensor(rng.integers(TEXT_LO, v_text, (b, P)), device=DEV)
+            kw = dict(do_sample=False, pad_token_id=AR_CONFIG['image_end_token_id'], eos_token_id=None)
             if impl == "static":
                 kw["cache_implementation"] = "static"
 
