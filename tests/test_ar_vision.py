@@ -35,13 +35,14 @@ def _pixels(grids, seed=0):
 
 
 def _hf_codes(torch_model, features, grids):
-    """HF's VQ applied per image (transformers 5.23 expects one image per `vqmodel.encode` call)."""
-    out, off = [], 0
+    """HF's `get_image_tokens`, given the per-image `(C, gh, gw)` feature maps it iterates over (transformers 5.23
+    calls `vqmodel.encode(hs[None])` for each item, so it must receive one item per image)."""
+    maps, off = [], 0
     for h, w in grids:
-        f = torch.tensor(features[off:off + h * w]).reshape(1, h, w, -1).permute(0, 3, 1, 2)
-        out.append(torch_model.model.vqmodel.encode(f).image_tokens.reshape(-1).numpy())
+        maps.append(torch.tensor(features[off:off + h * w]).reshape(h, w, -1).permute(2, 0, 1))
         off += h * w
-    return np.concatenate(out)
+    with torch.no_grad():
+        return torch_model.model.get_image_tokens(maps).reshape(-1).numpy()
 
 
 def test_features_match_transformers(models):
@@ -67,6 +68,22 @@ def test_vq_codes_identical(models):
     assert len(np.unique(codes)) > 3          # random weights still give varied codes
 
 
+def test_bf16_compute_close_to_fp32_reference(models):
+    """bf16 weights and compute: features within bf16 accuracy of the fp32 reference, codes mostly unchanged."""
+    torch_model, ours32 = models
+    cfg = ArConfig.from_hf(torch_model.config.to_dict())
+    ours = load_state_dict_into(GlmImageAR(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+                                torch_to_numpy_state(torch_model), AR_RULES)
+    px = _pixels(GRIDS, seed=5)
+    with torch.no_grad():
+        ref = torch_model.model.visual(torch.tensor(px), grid_thw=torch.tensor([[1, h, w] for h, w in GRIDS]))
+    out = ours.visual(jnp.asarray(px), GRIDS)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(np.asarray(out.astype(jnp.float32)), ref.last_hidden_state.numpy()) < 3e-2
+    codes = np.asarray(ours.vqmodel.encode(out, GRIDS))
+    assert np.mean(codes == np.asarray(ours32.image_tokens(jnp.asarray(px), GRIDS))) > 0.8
+
+
 def test_codes_depend_on_own_image_only(models):
     """Block-diagonal attention: a second image in the batch does not change the first image's codes/features."""
     _, ours = models
@@ -75,6 +92,8 @@ def test_codes_depend_on_own_image_only(models):
     alone = np.asarray(ours.visual(jnp.asarray(px[:n0]), GRIDS[:1]))
     together = np.asarray(ours.visual(jnp.asarray(px), GRIDS))[:n0]
     assert rel_err(together, alone) < 1e-6
+    np.testing.assert_array_equal(np.asarray(ours.image_tokens(jnp.asarray(px), GRIDS))[:n0],
+                                  np.asarray(ours.image_tokens(jnp.asarray(px[:n0]), GRIDS[:1])))
     other = px.copy()
     other[n0:] = -other[n0:]
     changed = np.asarray(ours.visual(jnp.asarray(other), GRIDS))

@@ -262,6 +262,12 @@ class GlmImageVQ(nnx.Module):
         self.quantize = Quantize(cfg, param_dtype=param_dtype, rngs=rngs)
 
     def encode(self, features_ND: jax.Array, grids: Grids | None = None) -> jax.Array:
+        """Codes `[N]` (int32) of ViT features `[N, hidden]`, one per row, so raster order per image carries over.
+
+        Every row is quantised on its own (1x1 conv, then nearest unit codebook vector), so `grids` is not needed
+        for the math; it is accepted to mirror `GlmImageVision`. The normalisation and distances are computed in
+        fp32 whatever `dtype` is (transformers would use the model dtype; fp32 avoids bf16 ties in the argmin).
+        """
         z = self.quant_conv(features_ND).astype(jnp.float32)
         e = self.quantize.embedding.embedding[...].astype(jnp.float32)
         z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
