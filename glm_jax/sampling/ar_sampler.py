@@ -177,9 +177,8 @@ def kept_mask(z: jax.Array, params: SamplingParams) -> jax.Array:
         s = jnp.where(s >= kth, s, -jnp.inf)
     if use_p:
         cum = jnp.cumsum(jax.nn.softmax(s, axis=-1), axis=-1)
-        pos = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-        remove = (cum <= jnp.float32(1.0 - params.top_p)) & (pos < vocab - params.min_tokens_to_keep)
-        first = jnp.max(jnp.where(remove, pos + 1, 0), axis=-1, keepdims=True)  # first kept sorted slot
+        remove = (cum <= jnp.float32(1.0 - params.top_p)) & (iota < vocab - params.min_tokens_to_keep)
+        first = jnp.max(jnp.where(remove, iota + 1, 0), axis=-1, keepdims=True)  # first kept sorted slot
         thr = jnp.take_along_axis(s, first, axis=-1)
         thr_id = jnp.take_along_axis(order, first, axis=-1)
         keep &= (z > thr) | ((z == thr) & (iota >= thr_id))
