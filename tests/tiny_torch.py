@@ -94,3 +94,29 @@ def tiny_scheduler():
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
                                            base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
                                            max_image_seq_len=4096, time_shift_type="linear")
+
+
+def tiny_processor():
+    """transformers `GlmImageProcessor` over the tiny tokenizer, the PIL image processor with the real preprocessor
+    values (min/max pixels scaled down to 32²/128²) and the real chat template."""
+    from transformers import GlmImageProcessor
+    from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from glm_jax.tiny import CHAT_TEMPLATE, tiny_tokenizer
+    tok = TokenizersBackend(tokenizer_object=tiny_tokenizer(), bos_token="<|dit_token_16384|>",
+                            eos_token="<|dit_token_16385|>", pad_token="<|dit_token_16385|>", padding_side="left",
+                            extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>",
+                                                  "grid_eos_token": "<eop>"})
+    images = GlmImageImageProcessorPil(patch_size=16, temporal_patch_size=1, merge_size=1, image_mean=[0.5] * 3,
+                                       image_std=[0.5] * 3, min_pixels=32 * 32, max_pixels=128 * 128)
+    return GlmImageProcessor(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_pipeline(seed: int = 0):
+    """A diffusers `GlmImagePipeline` assembled from the tiny components (no hub access)."""
+    from diffusers import GlmImagePipeline
+    from transformers import ByT5Tokenizer
+    return GlmImagePipeline(tokenizer=ByT5Tokenizer(), processor=tiny_processor(), text_encoder=tiny_t5(seed),
+                            vision_language_encoder=tiny_ar(seed), vae=tiny_vae(seed), transformer=tiny_dit(seed),
+                            scheduler=tiny_scheduler())
