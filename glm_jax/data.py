@@ -162,8 +162,8 @@ def _image_files(folder: str) -> list[str]:
                   and os.path.isfile(os.path.join(folder, n)))
 
 
-def _index_targets(folder: str, problems: list[str]) -> dict[int, str]:
-    """`{i}.ext` -> {i: path}; wrong names and two files for one index are problems."""
+def _index_targets(folder: str, problems: list[str]) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """`{i}.ext` -> ({i: path}, {i: names of two or more files for i}); wrong names are problems."""
     found: dict[int, list[str]] = {}
     for name in _image_files(folder):
         stem = os.path.splitext(name)[0]
@@ -172,16 +172,12 @@ def _index_targets(folder: str, problems: list[str]) -> dict[int, str]:
                             "with i the prompt's 0-based line index")
             continue
         found.setdefault(int(stem), []).append(name)
-    out = {}
-    for i, names in sorted(found.items()):
-        if len(names) > 1:
-            problems.append(f"{folder}: two images for index {i}: {', '.join(names)} (keep one)")
-        out[i] = os.path.join(folder, names[0])
-    return out
+    return ({i: os.path.join(folder, names[0]) for i, names in found.items()},
+            {i: names for i, names in found.items() if len(names) > 1})
 
 
-def _index_sources(folder: str, problems: list[str]) -> dict[int, list[str]]:
-    """`{i}.ext` or `{i}_{k}.ext` -> {i: paths ordered by k}; bad names, duplicates and mixing both are problems."""
+def _index_sources(folder: str, problems: list[str]) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """`{i}.ext` or `{i}_{k}.ext` -> ({i: paths ordered by k}, {i: what is ambiguous}); wrong names are problems."""
     found: dict[int, dict[int | None, list[str]]] = {}
     for name in _image_files(folder):
         stem = os.path.splitext(name)[0]
@@ -191,16 +187,15 @@ def _index_sources(folder: str, problems: list[str]) -> dict[int, list[str]]:
                             "with i the prompt's 0-based line index and k its order")
             continue
         found.setdefault(int(i_txt), {}).setdefault(int(k_txt) if sep else None, []).append(name)
-    out = {}
-    for i, by_k in sorted(found.items()):
+    out, bad = {}, {}
+    for i, by_k in found.items():
         if None in by_k and len(by_k) > 1:
-            problems.append(f"{folder}: index {i} has both {by_k[None][0]} and {{i}}_{{k}} sources (use one naming)")
-            continue
+            bad[i] = f"both {by_k[None][0]} and {{i}}_{{k}} names (use one naming)"
         for names in by_k.values():
             if len(names) > 1:
-                problems.append(f"{folder}: two images for one source slot: {', '.join(names)} (keep one)")
+                bad[i] = f"two images for one source slot: {', '.join(names)} (keep one)"
         out[i] = [os.path.join(folder, by_k[k][0]) for k in sorted(by_k, key=lambda k: -1 if k is None else k)]
-    return out
+    return out, bad
 
 
 def _folder_examples(root: str, mode: str, split: str) -> tuple[str, list[Example]]:
@@ -216,29 +211,38 @@ def _folder_examples(root: str, mode: str, split: str) -> tuple[str, list[Exampl
     if not os.path.isdir(target_dir):
         raise DataError([f"{target_dir}: not found (the target image of prompt line i is {target_name}/{{i}}.png)"])
     problems: list[str] = []
-    targets = _index_targets(target_dir, problems)
+    targets, dup_targets = _index_targets(target_dir, problems)
     sources: dict[int, list[str]] = {}
-    if mode == "t2i":
-        if os.path.isdir(source_dir) and _image_files(source_dir):
-            problems.append(f"{source_dir}: a t2i dataset has source images (train in mode 'i2i', or remove them)")
-    elif not os.path.isdir(source_dir):
-        problems.append(f"{source_dir}: not found (an i2i dataset needs {source_name}/{{i}}.png per prompt)")
-    else:
-        sources = _index_sources(source_dir, problems)
+    bad_sources: dict[int, str] = {}
+    has_sources = os.path.isdir(source_dir)
+    if has_sources:
+        sources, bad_sources = _index_sources(source_dir, problems)
+    if mode == "t2i" and sources:
+        i = min(sources)
+        problems.append(f"{prompts_path}:{i + 1}: a t2i dataset has source image {sources[i][0]} "
+                        "(train in mode 'i2i', or remove the source images)")
     lines = dict(prompts)
     examples = []
     for i, prompt in prompts:
         where = f"{prompts_path}:{i + 1}"
         if i not in targets:
             problems.append(f"{where}: no target image {target_dir}/{i}.{{png,jpg,jpeg,webp}}")
-        if mode == "i2i" and os.path.isdir(source_dir) and i not in sources:
-            problems.append(f"{where}: no source image {source_dir}/{i}.png (or {i}_0.png, {i}_1.png, ...)")
-        examples.append(Example(i, prompt, targets.get(i, ""), tuple(sources.get(i, ())), where=where))
-    for kind, index in (("target", targets), ("source", sources)):
+        elif i in dup_targets:
+            problems.append(f"{where}: two target images for index {i} in {target_dir}: "
+                            f"{', '.join(dup_targets[i])} (keep one)")
+        if mode == "i2i":
+            if i not in sources:
+                what = "" if has_sources else f" ({source_dir} not found)"
+                problems.append(f"{where}: no source image {source_dir}/{i}.png (or {i}_0.png, {i}_1.png, ...){what}")
+            elif i in bad_sources:
+                problems.append(f"{where}: source images in {source_dir}: {bad_sources[i]}")
+        examples.append(Example(i, prompt, targets.get(i, ""), tuple(sources.get(i, ()) if mode == "i2i" else ()),
+                                where=where))
+    orphans = [("target", targets)] + ([("source", {i: p[0] for i, p in sources.items()})] if mode == "i2i" else [])
+    for kind, index in orphans:
         for i in sorted(set(index) - set(lines)):
-            path = index[i] if kind == "target" else index[i][0]
             why = f"line {i + 1} is blank" if i < n_lines else f"it has {n_lines} lines"
-            problems.append(f"{path}: {kind} image without a prompt: {prompts_path}:{i + 1} ({why})")
+            problems.append(f"{index[i]}: {kind} image without a prompt: {prompts_path}:{i + 1} ({why})")
     if problems:
         raise DataError(problems)
     return prompts_path, examples
@@ -266,7 +270,8 @@ def _manifest_examples(path: str, mode: str) -> list[Example]:
         if unknown or missing:
             what = "; ".join(([f"missing key {', '.join(missing)}"] if missing else [])
                              + ([f"unknown key {', '.join(unknown)}"] if unknown else []))
-            problems.append(f"{where}: {what} (keys: {', '.join(need)})")
+            keys = ", ".join(need) + ("" if mode == "i2i" else ", optional sources (empty)")
+            problems.append(f"{where}: {what} (keys: {keys})")
             continue
         prompt, target, srcs = rec["prompt"], rec["target"], rec.get("sources", [])
         if not isinstance(prompt, str) or not prompt.strip():
