@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 MODES = ("t2i", "i2i")
@@ -317,7 +317,6 @@ def probe_image(path: str) -> Size:
 
 def read_image(path: str) -> np.ndarray:
     """The image as stored (EXIF orientation applied, no resize) as uint8 RGB `[H, W, 3]`; alpha is dropped."""
-    from PIL import ImageOps
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
