@@ -1,0 +1,273 @@
+"""GRPO group rollouts of GLM-Image (grpo_math §1.5), jitted with fixed shapes, returning what the update steps
+(`glm_jax.grpo.train_step`) and the rewards need.
+
+* **AR group rollout** (`ar_group_rollout`): P prompts x G samples. Each prompt row is repeated G times (rows
+  `p*G .. p*G+G-1` = group p) and every row samples with its own stream `fold_in(key_tokens, sample_id)`. The
+  images that score the AR are rendered by the DiT with the ODE sampler (CFG `decode_guidance`) and x_T SHARED
+  within a group (`same_latent`, keyed by the group id: common random numbers, so reward differences inside a
+  group come from the tokens). Returns tokens, the sampler's processed log-probs, images, group ids.
+* **DiT group rollout** (`dit_group_rollout`): one AR sample per prompt (given tokens) shared by its G members;
+  each member runs its own SDE trajectory (unique x_T and per-step noise, keyed by global sample ids). SDE steps:
+  the first `floor(N f)` steps (`timestep_fraction` f > 0; at most N - 1, the last step stays ODE), or a window of
+  W steps starting at `w ~ U{0 .. N//2 - W}` drawn from the rollout key, ODE elsewhere. Stores `x_k`,
+  `x_{k+1}`, k and `lp_k` of every SDE step. Guidance off by default (`guidance=1`).
+
+Keys: `key` is split by purpose with `fold_in` (tokens 0, x_T 1, SDE noise 2, window 3); sample and group ids are
+global (`first_sample_id`, `first_group_id` offset them per host / per iteration), so no two members anywhere
+share noise unless asked to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm_jax.pipeline import (
+    ArPrompts,
+    as_schedule,
+    initial_noise,
+    latent_ids,
+    prior_ids,
+    sched_arrays,
+)
+from glm_jax.sampling import flow
+from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_keys, sample_tokens
+from glm_jax.sampling.schedule import FlowSchedule
+
+KEY_TOKENS, KEY_LATENT, KEY_NOISE, KEY_WINDOW = 0, 1, 2, 3
+
+
+def _merge(graphdef, state):
+    return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------------- AR
+
+
+@dataclass(frozen=True)
+class ArRolloutConfig:
+    """AR rollout settings: `group_size` G, the sampler's policy, and the ODE render of the reward images
+    (`decode_steps`, `decode_guidance`, `same_latent`)."""
+
+    group_size: int = 8
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    decode_steps: int = 50
+    decode_guidance: float = 1.5
+    same_latent: bool = True
+
+
+class ArGroupRollout(NamedTuple):
+    """Result of `ar_group_rollout` for B = P*G rows: the repeated prompts, tokens / sampler log-probs /
+    loss mask `[B, N]`, uint8 images `[B, H, W, 3]`, group and sample ids `[B]`, and the repeated glyph
+    conditions (kept for the DiT rollout of the same iteration)."""
+
+    prompts: ArPrompts
+    tokens: jax.Array
+    logprobs: jax.Array
+    loss_mask: jax.Array
+    images: jax.Array
+    group_ids: jax.Array
+    sample_ids: jax.Array
+    glyph: jax.Array
+    neg_glyph: jax.Array | None
+
+
+@partial(jax.jit, static_argnames=("graphdef", "params", "n_codes", "eos_id"))
+def _ar_sample_jit(graphdef, state, input_ids, attention_mask, position_ids, decode_positions, keys, *, params,
+                   n_codes, eos_id):
+    model = _merge(graphdef, state)
+    b, length = input_ids.shape
+    cache = model.init_cache(b, length + decode_positions.shape[-1] - 2)
+    return sample_tokens(model, input_ids, attention_mask, position_ids, decode_positions, keys, cache, params,
+                         n_codes=n_codes, eos_id=eos_id)
+
+
+def sample_group_tokens(ar, prompts: ArPrompts, key: jax.Array, sample_ids: jax.Array, params: SamplingParams,
+                        *, n_codes: int, eos_id: int) -> tuple[jax.Array, jax.Array]:
+    """`(tokens, processed log-probs)` `[B, N]` of already repeated prompt rows, row b on stream
+    `fold_in(key, sample_ids[b])`. `ar` is `(graphdef, state)` (state may be a tuple of states)."""
+    ids, mask, pos, dec = (jnp.asarray(a) for a in prompts.arrays())
+    keys = sample_keys(key, ids.shape[0], jnp.asarray(sample_ids))
+    return _ar_sample_jit(ar[0], ar[1], ids, mask, pos, dec, keys, params=params, n_codes=int(n_codes),
+                          eos_id=int(eos_id))
+
+
+@partial(jax.jit, static_argnames=("dit_graphdef", "vae_graphdef", "guidance", "layout", "height", "width"))
+def _render_jit(dit_graphdef, dit_state, vae_graphdef, vae_state, tokens, glyph, neg, root, ids, sched, *,
+                guidance, layout, height, width):
+    dit, vae = _merge(dit_graphdef, dit_state), _merge(vae_graphdef, vae_state)
+    cond = flow.make_cond(glyph, prior_ids(tokens, layout), height, width,
+                          neg_glyph_BTD=neg if guidance > 1 else None)
+    x_T = initial_noise(root, ids, height, width)
+    latents = flow.ode_sample(dit, x_T, cond, as_schedule(sched), guidance=guidance)
+    return flow.decode_images(vae, latents)
+
+
+def render_tokens(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.Array, neg_glyph: jax.Array | None,
+                  root: jax.Array, latent_keys: jax.Array, sched: FlowSchedule, *, height: int, width: int,
+                  guidance: float) -> jax.Array:
+    """uint8 images of AR tokens by the DiT ODE (one jit: prior ids, x_T, ODE, VAE). x_T of row b is
+    `normal(fold_in(root, latent_keys[b]))`."""
+    return _render_jit(dit[0], dit[1], vae[0], vae[1], jnp.asarray(tokens), glyph, neg_glyph, root,
+                       jnp.asarray(latent_keys, jnp.int32), sched_arrays(sched), guidance=float(guidance),
+                       layout=layout, height=int(height), width=int(width))
+
+
+def ar_group_rollout(ar, dit, vae, prompts: ArPrompts, glyph: jax.Array, neg_glyph: jax.Array | None,
+                     key: jax.Array, cfg: ArRolloutConfig, sched: FlowSchedule, *, n_codes: int, eos_id: int,
+                     height: int, width: int, first_sample_id: int = 0, first_group_id: int = 0
+                     ) -> ArGroupRollout:
+    """P prompts (one row each in `prompts`, `glyph [P, T, D]`, `neg_glyph [P, 1, D]`) x G samples.
+
+    `ar`, `dit`, `vae` are `(graphdef, state)` pairs (the policy being trained passes its current params).
+    `sched` is the render schedule (`stack.schedule(cfg.decode_steps, H, W)`).
+    """
+    g = int(cfg.group_size)
+    p = prompts.input_ids.shape[0]
+    rep = prompts.repeat(g)
+    sample_ids = first_sample_id + jnp.arange(p * g, dtype=jnp.int32)
+    group_ids = first_group_id + jnp.repeat(jnp.arange(p, dtype=jnp.int32), g)
+    tokens, lps = sample_group_tokens(ar, rep, jax.random.fold_in(key, KEY_TOKENS), sample_ids, cfg.sampling,
+                                      n_codes=n_codes, eos_id=eos_id)
+    glyph_b = jnp.repeat(glyph, g, axis=0)
+    neg_b = None if neg_glyph is None else jnp.repeat(neg_glyph, g, axis=0)
+    images = render_tokens(dit, vae, tokens, prompts.layout, glyph_b, neg_b, jax.random.fold_in(key, KEY_LATENT),
+                           latent_ids(sample_ids, group_ids, cfg.same_latent), sched, height=height, width=width,
+                           guidance=cfg.decode_guidance)
+    mask = jnp.broadcast_to(jnp.asarray(prompts.layout.loss_mask()), tokens.shape)
+    return ArGroupRollout(rep, tokens, lps, mask, images, group_ids, sample_ids, glyph_b, neg_b)
+
+
+# --------------------------------------------------------------------------------------------------- DiT
+
+
+@dataclass(frozen=True)
+class DitRolloutConfig:
+    """DiT rollout settings: `group_size` G, `num_steps` N, SDE `noise_level` / `kernel`, the SDE steps (a
+    `timestep_fraction` f > 0: the first floor(N f) steps, at most N - 1; else a window of `sde_window` W
+    steps), CFG `guidance` (1 = off), and `same_latent` (x_T shared within a group; off by default)."""
+
+    group_size: int = 16
+    num_steps: int = 10
+    noise_level: float = 0.7
+    kernel: str = "sde"
+    sde_window: int = 3
+    timestep_fraction: float = 0.0
+    guidance: float = 1.0
+    same_latent: bool = False
+
+    @property
+    def num_sde_steps(self) -> int:
+        """J, the number of SDE (stored, trained) steps."""
+        if self.timestep_fraction > 0:
+            return max(1, min(int(self.num_steps * self.timestep_fraction), self.num_steps - 1))
+        return int(self.sde_window)
+
+
+def sde_step_mask(cfg: DitRolloutConfig, key: jax.Array) -> jax.Array:
+    """Bool `[N]`: which steps are SDE. Fraction mode: `k < J`. Window mode: `w <= k < w + W` with
+    `w ~ U{0 .. N//2 - W}` drawn from `key` (one window per rollout, shared by the batch)."""
+    n, j = cfg.num_steps, cfg.num_sde_steps
+    k = jnp.arange(n)
+    if cfg.timestep_fraction > 0:
+        return k < j
+    hi = n // 2 - j
+    if hi < 0:
+        raise ValueError(f"sde_window {j} does not fit in the first half of {n} steps")
+    w = jax.random.randint(key, (), 0, hi + 1)
+    return (k >= w) & (k < w + j)
+
+
+class DitGroupRollout(NamedTuple):
+    """Result of `dit_group_rollout` for B = P*G members and J SDE steps: stored transitions `x`, `x_next`
+    `[B, J, h, w, c]`, `steps [B, J]`, sampler `logprobs [B, J]`, final latents, uint8 images, group / sample ids
+    `[B]`, the per-member `cond` (`FlowCond`), the schedule arrays and the noise level."""
+
+    x: jax.Array
+    x_next: jax.Array
+    steps: jax.Array
+    logprobs: jax.Array
+    latents: jax.Array
+    images: jax.Array
+    group_ids: jax.Array
+    sample_ids: jax.Array
+    cond: flow.FlowCond
+    sched: tuple[jax.Array, jax.Array]
+    noise_level: jax.Array
+
+
+@partial(jax.jit, static_argnames=("dit_graphdef", "vae_graphdef", "guidance", "kernel", "num_sde"))
+def _sde_jit(dit_graphdef, dit_state, vae_graphdef, vae_state, x_T, cond, sched, noise_root, sample_ids,
+             noise_level, mask, *, guidance, kernel, num_sde):
+    dit, vae = _merge(dit_graphdef, dit_state), _merge(vae_graphdef, vae_state)
+    out = flow.sde_sample(dit, x_T, cond, as_schedule(sched), noise_root, sample_ids, guidance=guidance,
+                          noise_level=noise_level, kernel=kernel, sde_mask=mask, num_sde_steps=num_sde)
+    return out, flow.decode_images(vae, out.latents)
+
+
+def dit_group_rollout(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.Array,
+                      neg_glyph: jax.Array | None, key: jax.Array, cfg: DitRolloutConfig, sched: FlowSchedule, *,
+                      height: int, width: int, first_sample_id: int = 0, first_group_id: int = 0
+                      ) -> DitGroupRollout:
+    """P AR samples (`tokens [P, N]`, `glyph [P, T, D]`) x G SDE trajectories each (group p = AR sample p).
+
+    `sched` is the N-step schedule (`stack.schedule(cfg.num_steps, H, W)`); `dit`, `vae` `(graphdef, state)`.
+    """
+    g = int(cfg.group_size)
+    p = tokens.shape[0]
+    if len(sched.timesteps) != cfg.num_steps:
+        raise ValueError(f"schedule has {len(sched.timesteps)} steps, the config {cfg.num_steps}")
+    sample_ids = first_sample_id + jnp.arange(p * g, dtype=jnp.int32)
+    group_ids = first_group_id + jnp.repeat(jnp.arange(p, dtype=jnp.int32), g)
+    prior = jnp.repeat(prior_ids(tokens, layout), g, axis=0)
+    glyph_b = jnp.repeat(glyph, g, axis=0)
+    neg_b = None if (neg_glyph is None or cfg.guidance <= 1) else jnp.repeat(neg_glyph, g, axis=0)
+    cond = flow.make_cond(glyph_b, prior, height, width, neg_glyph_BTD=neg_b)
+    x_T = initial_noise(jax.random.fold_in(key, KEY_LATENT), latent_ids(sample_ids, group_ids, cfg.same_latent),
+                        height, width)
+    mask = sde_step_mask(cfg, jax.random.fold_in(key, KEY_WINDOW))
+    arrays = sched_arrays(sched)
+    level = jnp.asarray(cfg.noise_level, jnp.float32)
+    out, images = _sde_jit(dit[0], dit[1], vae[0], vae[1], x_T, cond, arrays, jax.random.fold_in(key, KEY_NOISE),
+                           sample_ids, level, mask, guidance=float(cfg.guidance), kernel=cfg.kernel,
+                           num_sde=cfg.num_sde_steps)
+    steps = jnp.broadcast_to(out.steps[None], (p * g, out.steps.shape[0]))
+    return DitGroupRollout(out.x, out.x_next, steps, out.logprob, out.latents, images, group_ids, sample_ids,
+                           cond, arrays, level)
+
+
+# -------------------------------------------------------------------------------------------- to batches
+
+
+def ar_batch(roll: ArGroupRollout, advantages: Any, weights: Any):
+    """`train_step.ArBatch` of an AR rollout with its advantages / weights `[B]` (on-policy: no old
+    log-probs; the sampler's are kept for the mismatch metric)."""
+    from glm_jax.grpo.train_step import ArBatch
+    pr = roll.prompts
+    return ArBatch(jnp.asarray(pr.input_ids), jnp.asarray(pr.attention_mask), jnp.asarray(pr.position_ids),
+                   jnp.asarray(pr.decode_positions), roll.tokens, roll.loss_mask,
+                   jnp.asarray(advantages, jnp.float32), jnp.asarray(weights, jnp.float32), None, roll.logprobs)
+
+
+def dit_batch(roll: DitGroupRollout, advantages: Any, weights: Any, *, old_from_rollout: bool = False):
+    """`train_step.DitBatch` of a DiT rollout. `old_from_rollout` uses the sampler's stored lp as the old
+    log-probs (Flow-GRPO); by default the update runs on-policy (or the trainer recomputes them)."""
+    from glm_jax.grpo.train_step import DitBatch
+    return DitBatch(roll.x, roll.x_next, roll.steps, jnp.asarray(advantages, jnp.float32),
+                    jnp.asarray(weights, jnp.float32), roll.cond, roll.sched, roll.noise_level,
+                    roll.logprobs if old_from_rollout else None, roll.logprobs)
+
+
+def first_of_groups(x: jax.Array, group_size: int) -> jax.Array:
+    """Rows `0, G, 2G, ...` (the first member of each group), e.g. one AR sample per prompt for the DiT rollout."""
+    return jnp.asarray(x)[:: int(group_size)]
+
+
+__all__ = ["ArGroupRollout", "ArRolloutConfig", "DitGroupRollout", "DitRolloutConfig", "ar_batch",
+           "ar_group_rollout", "dit_batch", "dit_group_rollout", "first_of_groups", "render_tokens",
+           "sample_group_tokens", "sde_step_mask"]
