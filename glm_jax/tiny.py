@@ -9,7 +9,8 @@ byte-level tokenizer with the same special-token roles. Token ids of the tiny AR
     130..385   the 256 bytes (GPT-2 byte-to-unicode alphabet, no merges)
     386 `<|image|>`, 387 `<sop>`, 388 `<eop>`, 389 `<|endoftext|>`
 
-The configs below mirror the real `config.json` files at a small size (GQA 2:1, partial rotary 0.5 with three
+The tiny `lm_head` has `N_CODES + 2` rows, like the real head that covers the codes and the image start/end
+ids (16512 > 16385). The configs below mirror the real `config.json` files at a small size (GQA 2:1, partial rotary 0.5 with three
 M-RoPE sections, VQ latent = ViT width, VAE with 4 blocks x 3 layers, gated-gelu T5).
 """
 
@@ -62,7 +63,7 @@ def tiny_ar_config() -> dict:
         "text_config": {
             "model_type": "glm_image_text", "vocab_size": AR_VOCAB, "hidden_size": 128, "intermediate_size": 192,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "attention_bias": True,
-            "vision_vocab_size": N_CODES, "pad_token_id": PAD_ID, "eos_token_id": EOS_ID,
+            "vision_vocab_size": N_CODES + 2, "pad_token_id": PAD_ID, "eos_token_id": EOS_ID,
             "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "hidden_act": "silu",
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                 "mrope_section": [2, 3, 3]}},
@@ -211,3 +212,20 @@ def write_tiny_processor(directory: str) -> None:
                    "resample": 3, "patch_size": 16, "temporal_patch_size": 1, "merge_size": 1,
                    "min_pixels": 32 * 32, "max_pixels": 128 * 128,
                    "size": {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}}, f, indent=2)
+
+
+def tiny_checkpoint(cache_dir: str | None = None, seed: int = 0) -> str:
+    """The embedded default checkpoint, written once to a cache folder keyed by a hash of the tiny configs and
+    the seed (`$GLM_JAX_CACHE`, default `~/.cache/glm_jax`), and reused afterwards."""
+    import hashlib
+    import json
+    import os
+    blob = json.dumps({k: f() for k, f in TINY_CONFIGS.items()} | {"seed": seed, "v": 1}, sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    root = cache_dir or os.environ.get("GLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                          "glm_jax")
+    path = os.path.join(root, f"tiny-{digest}")
+    if not os.path.exists(os.path.join(path, "glm_jax.json")):
+        os.makedirs(root, exist_ok=True)
+        write_tiny_checkpoint(path, seed=seed)
+    return path
