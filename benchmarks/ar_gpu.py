@@ -42,7 +42,7 @@ DEV = torch_device()
 ATTN = "cudnn" if DEV == "cuda" else None
 if SMOKE:
     from glm_jax.tiny import tiny_ar_config
-    AR_CONFIG = dict(tiny_ar_config(), dtype="bfloat16")  # noqa: F811
+    AR_CONFIG = dict(tiny_ar_config(), dtype="bfloat16")
 TEXT_LO = AR_CONFIG["text_config"]["vision_vocab_size"]
 
 

@@ -14,18 +14,18 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import gc  # noqa: E402
+import gc
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
 
-from benchmarks.ar_gpu import AR_CONFIG, ATTN, DEV, TEXT_LO, build_torch, log  # noqa: E402
-from benchmarks.common import device_info, module_from_torch, write_result  # noqa: E402
-from conversion.tables.ar import RULES  # noqa: E402
-from glm_jax.models.ar import ArConfig, GlmImageAR  # noqa: E402
+from benchmarks.ar_gpu import AR_CONFIG, ATTN, DEV, TEXT_LO, build_torch, log
+from benchmarks.common import device_info, module_from_torch, write_result
+from conversion.tables.ar import RULES
+from glm_jax.models.ar import ArConfig, GlmImageAR
 
 
 def err(a, b):

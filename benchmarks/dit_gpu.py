@@ -138,7 +138,7 @@ def main():
     try:
         stats = jax.devices()[0].memory_stats()
         res["jax_peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     flops = dit_flops(cfg, (H // 16) * (W // 16), T_GLYPH, 0)
     res["dit_forward_tflop"] = flops / 1e12

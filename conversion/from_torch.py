@@ -51,7 +51,7 @@ def convert_component(src: str, dst: str, expect_slot: str | None = None) -> str
     out_dir = os.path.join(dst, spec.slot)
     os.makedirs(out_dir)
     try:
-        items = [(k, (lambda f=f, k=k: f.load(k)), f.info(k).shape, f.path) for f in files for k in f.keys()]
+        items = [(k, (lambda f=f, k=k: f.load(k)), f.info(k).shape, f.path) for f in files for k in f.keys()]  # noqa: SIM118
         bar = _progress(len(items), spec.slot)
         params = {}
         for path, arr in convert_tensors(items, rules, expected, source=src, ignore=lambda k: k in ignore):

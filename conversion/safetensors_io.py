@@ -44,7 +44,7 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            self._fh = open(path, "rb")
+            self._fh = open(path, "rb")  # noqa: SIM115 (kept open for the mmap; closed in close())
         except OSError as e:
             raise SafetensorsError(f"{path}: cannot open ({e.strerror})") from None
         size = os.fstat(self._fh.fileno()).st_size

@@ -15,7 +15,8 @@ Slots: `vision_language_encoder` (AR), `transformer` (DiT), `vae`, `text_encoder
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

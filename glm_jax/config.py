@@ -247,7 +247,7 @@ def validate(c: ConfigDict) -> ConfigDict:
 def _same_fields(c: ConfigDict, known: ConfigDict, prefix: str) -> None:
     """Unknown or mistyped fields (a config file that adds or retypes a field)."""
     free = {"reward.ar", "reward.dit", "reward.options"}
-    for key in c.keys():
+    for key in c.keys():  # noqa: SIM118 (ConfigDict)
         path = f"{prefix}{key}"
         if key not in known:
             raise ConfigError(f"config.{path}: unknown config field")

@@ -24,17 +24,17 @@ def read_all(directory: str) -> dict[str, np.ndarray]:
     out = {}
     for path in list_weight_files(directory):
         with SafetensorsFile(path) as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 (SafetensorsFile)
                 out[k] = f.load(k)
     return out
 
 
 def assert_same_tensors(a: dict, b: dict):
     assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert a[k].shape == b[k].shape, k
-        assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
+    for k, x in a.items():
+        assert x.dtype == b[k].dtype, k
+        assert x.shape == b[k].shape, k
+        assert x.tobytes() == b[k].tobytes(), f"{k} differs"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_ar_round_trip_bit_exact(ar_dirs, which, tmp_path):
     with open(os.path.join(src, "config.json")) as f1, open(back / "config.json") as f2:
         assert json.load(f1) == json.load(f2)
     from transformers import GlmImageForConditionalGeneration
-    model, info = GlmImageForConditionalGeneration.from_pretrained(str(back), output_loading_info=True)
+    _, info = GlmImageForConditionalGeneration.from_pretrained(str(back), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     if which == "bf16":
         params = load_params(str(ckpt / "vision_language_encoder" / "params"))

@@ -25,8 +25,8 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name or name.endswith(
-                    "norm1.weight") or name.endswith("norm2.weight") or "norm_out.weight" in name:
+            if (name.endswith(("norm.weight", "norm1.weight", "norm2.weight")) or "layernorm" in name
+                    or "layer_norm" in name or "norm_out.weight" in name):
                 p.copy_(1.0 + std * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g) * (4.0 if p.ndim == 1 else 1.0))

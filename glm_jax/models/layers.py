@@ -7,7 +7,7 @@ axes. Layers keep their own arrays (no stacked `[L, ...]` weights), see ARCHITEC
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
