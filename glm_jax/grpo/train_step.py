@@ -88,10 +88,16 @@ def dit_trainable(path, value) -> bool:
     return isinstance(value, nnx.Param)
 
 
-def init_policy(module: nnx.Module, tx: optax.GradientTransformation, trainable=nnx.Param
+def init_policy(module: nnx.Module, tx: optax.GradientTransformation, trainable=nnx.Param, *, copy: bool = True
                 ) -> tuple[Any, PolicyState]:
-    """`(graphdef, PolicyState)` of a module: params selected by the `trainable` filter, the rest frozen."""
+    """`(graphdef, PolicyState)` of a module: params selected by the `trainable` filter, the rest frozen.
+
+    The state gets its own copies of the arrays: the update steps donate it, which must not delete buffers that
+    the module (or a `GlmImageStack`) still uses. Pass `copy=False` when the module is not used afterwards.
+    """
     graphdef, params, frozen = nnx.split(module, trainable, ...)
+    if copy:
+        params, frozen = jax.tree.map(jnp.copy, (params, frozen))
     return graphdef, PolicyState(params, frozen, tx.init(params))
 
 
@@ -311,20 +317,27 @@ def _mismatch(lp_trainer, lp_sampler, mask) -> Metrics:
     return {"logprob_mismatch_mean": jnp.sum(d) / jnp.maximum(jnp.sum(m), 1), "logprob_mismatch_max": jnp.max(d)}
 
 
-def ar_update_step(spec: ArSpec, ts: TrainState, batch: ArBatch, ref_params=None
-                   ) -> tuple[TrainState, Metrics]:
-    """One AR optimizer step on `batch` (pure). Returns the new state and scalar metrics (loss, ratios, clip
-    fractions, KL, grad norm, learning-rate-free update norm, mismatch to the sampler's log-probs)."""
-    policy = ts.ar
+def ar_grads(spec: ArSpec, policy: PolicyState, batch: ArBatch, ref_params=None) -> tuple[Any, Metrics]:
+    """Float32 gradients of the AR loss over the whole batch (micro-batch scan, global normalisers) and the
+    metrics; the first half of `ar_update_step`."""
     b = batch.tokens.shape[0]
     m = _n_micro(b, spec.loss.micro_batch)
     norm = _ar_norm(spec, batch)
     loss_fn = partial(_ar_loss, spec, policy.frozen, ref_params, norm)
     loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, _ar_micro_xs(batch, m, ref_params), m)
-    new_policy, opt_metrics = _apply(spec.tx, policy, grads)
-    metrics = {"loss": loss, **_reduce_metrics(stacked), **opt_metrics}
+    metrics = {"loss": loss, **_reduce_metrics(stacked)}
     if batch.sampler_logprobs is not None:
         metrics.update(_mismatch(_from_micro(lp), batch.sampler_logprobs, batch.loss_mask))
+    return grads, metrics
+
+
+def ar_update_step(spec: ArSpec, ts: TrainState, batch: ArBatch, ref_params=None
+                   ) -> tuple[TrainState, Metrics]:
+    """One AR optimizer step on `batch` (pure). Returns the new state and scalar metrics (loss, ratios, clip
+    fractions, KL, grad norm, learning-rate-free update norm, mismatch to the sampler's log-probs)."""
+    grads, metrics = ar_grads(spec, ts.ar, batch, ref_params)
+    new_policy, opt_metrics = _apply(spec.tx, ts.ar, grads)
+    metrics.update(opt_metrics)
     ts = ts._replace(step=ts.step + 1, rng=jax.random.split(ts.rng)[0], ar=new_policy)
     return ts, metrics
 
@@ -408,18 +421,25 @@ def _dit_prepare(spec: DitSpec, batch: DitBatch):
     return m, micro, norm, sched
 
 
-def dit_update_step(spec: DitSpec, ts: TrainState, batch: DitBatch, ref_params=None
-                    ) -> tuple[TrainState, Metrics]:
-    """One DiT optimizer step on `batch` (pure): replay of every stored transition, Flow-GRPO loss, AdamW."""
-    policy = ts.dit
+def dit_grads(spec: DitSpec, policy: PolicyState, batch: DitBatch, ref_params=None) -> tuple[Any, Metrics]:
+    """Float32 gradients of the DiT loss over the whole batch and the metrics; the first half of
+    `dit_update_step`."""
     b, j = batch.steps.shape
     m, micro, norm, sched = _dit_prepare(spec, batch)
     loss_fn = partial(_dit_loss, spec, policy.frozen, ref_params, sched, batch.noise_level, norm)
     loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, micro, m)
-    new_policy, opt_metrics = _apply(spec.tx, policy, grads)
-    metrics = {"loss": loss, **_reduce_metrics(stacked), **opt_metrics}
+    metrics = {"loss": loss, **_reduce_metrics(stacked)}
     if batch.sampler_logprobs is not None:
         metrics.update(_mismatch(_from_micro(lp).reshape(b, j), batch.sampler_logprobs, jnp.ones((b, j), bool)))
+    return grads, metrics
+
+
+def dit_update_step(spec: DitSpec, ts: TrainState, batch: DitBatch, ref_params=None
+                    ) -> tuple[TrainState, Metrics]:
+    """One DiT optimizer step on `batch` (pure): replay of every stored transition, Flow-GRPO loss, AdamW."""
+    grads, metrics = dit_grads(spec, ts.dit, batch, ref_params)
+    new_policy, opt_metrics = _apply(spec.tx, ts.dit, grads)
+    metrics.update(opt_metrics)
     ts = ts._replace(step=ts.step + 1, rng=jax.random.split(ts.rng)[0], dit=new_policy)
     return ts, metrics
 
@@ -454,6 +474,8 @@ ar_update_jit = jax.jit(ar_update_step, static_argnums=0, donate_argnums=1)
 dit_update_jit = jax.jit(dit_update_step, static_argnums=0, donate_argnums=1)
 both_update_jit = jax.jit(both_update_step, static_argnums=(0, 1), donate_argnums=2)
 ar_old_logprobs_jit = jax.jit(ar_old_logprobs, static_argnums=0)
+ar_grads_jit = jax.jit(ar_grads, static_argnums=0)
+dit_grads_jit = jax.jit(dit_grads, static_argnums=0)
 dit_old_logprobs_jit = jax.jit(dit_old_logprobs, static_argnums=0)
 
 

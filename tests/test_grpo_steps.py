@@ -1,0 +1,366 @@
+"""GRPO update steps and rollouts on the tiny random GLM-Image (CPU, fp32): on-policy ratio 1 and REINFORCE
+gradients, rollout log-probs == trainer log-probs, constant groups carry no gradient, gradient accumulation ==
+one batch, and a DiT policy that learns a reward (while the same run at lr 0 does not)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from glm_jax.grpo import optim as O
+from glm_jax.grpo import rollout as R
+from glm_jax.grpo import train_step as T
+from glm_jax.grpo.advantages import compute_advantages
+from glm_jax.pipeline import GlmImageStack, ar_prompts_from_ids, glyph_conditions, prior_ids
+from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, score_tokens
+from glm_jax.sampling.flow import step_logprob
+from glm_jax.sampling.schedule import FlowSchedule
+from glm_jax.tiny import tiny_tokenizer
+
+H = W = 64
+LAYOUT = ArLayout.t2i(H, W)           # preview 16x16, target 2x2: N = 261
+TEXTS = ["a red fox in the snow", "a sign that says 'OK'"]
+G = 4                                 # group size of the fixture rollouts (B = 8)
+SAMPLING = SamplingParams()           # GLM's 0.9 / 16512 / 0.75
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def tree_rel(a, b) -> float:
+    return max(rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def t2i_ids(text: str, layout: ArLayout) -> list[int]:
+    """`{text}<sop>th tw<eop>[<sop>ph pw<eop>]<bos>` in the tiny tokenizer (the t2i prompt layout)."""
+    grids = "".join(f"<sop>{h} {w}<eop>" for h, w in reversed(layout.gen_grids))
+    return tiny_tokenizer().encode(f"{text}{grids}<|dit_token_16384|>").ids
+
+
+def make_prompts(stack, texts, layout):
+    ar_cfg = stack.ar.merge().cfg
+    grids = [[1, *g] for g in reversed(layout.gen_grids)]
+    return ar_prompts_from_ids([t2i_ids(t, layout) for t in texts], [grids] * len(texts), layout, ar_cfg)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return GlmImageStack.tiny(0)
+
+
+@pytest.fixture(scope="module")
+def prompts(stack):
+    return make_prompts(stack, TEXTS, LAYOUT)
+
+
+@pytest.fixture(scope="module")
+def glyph(stack):
+    return glyph_conditions(stack.t5, TEXTS)
+
+
+@pytest.fixture(scope="module")
+def ar_roll(stack, prompts, glyph):
+    cfg = R.ArRolloutConfig(group_size=G, sampling=SAMPLING, decode_steps=3, decode_guidance=1.5)
+    return R.ar_group_rollout(stack.ar, stack.dit, stack.vae, prompts, *glyph, jax.random.key(0), cfg,
+                              stack.schedule(3, H, W), n_codes=stack.n_codes, eos_id=stack.eos_id, height=H,
+                              width=W, first_sample_id=16, first_group_id=4)
+
+
+DIT_CFG = R.DitRolloutConfig(group_size=G, num_steps=6, sde_window=2, guidance=1.5, noise_level=0.7)
+
+
+@pytest.fixture(scope="module")
+def dit_roll(stack, ar_roll, glyph):
+    tokens = R.first_of_groups(ar_roll.tokens, G)
+    return R.dit_group_rollout(stack.dit, stack.vae, tokens, LAYOUT, *glyph, jax.random.key(1), DIT_CFG,
+                               stack.schedule(DIT_CFG.num_steps, H, W), height=H, width=W)
+
+
+def ar_setup(stack, *, lr=0.0, micro=0, beta=0.0, tx=None, sampling=SAMPLING, eps=1e-8):
+    tx = tx or O.make_optimizer(O.OptimConfig(lr=lr, grad_clip=1.0, weight_decay=0.01, eps=eps))
+    graphdef, policy = T.init_policy(stack.ar.merge(), tx, T.ar_trainable)
+    spec = T.ArSpec(graphdef, tx, T.ArLossConfig(n_codes=stack.n_codes, eos_id=stack.eos_id, sampling=sampling,
+                                                 beta=beta, micro_batch=micro, chunk=100))
+    return spec, T.init_train_state(jax.random.key(0), ar=policy)
+
+
+def dit_setup(stack, *, lr=0.0, micro=0, beta=0.0, guidance=1.5, clip=1e-3, eps=1e-8):
+    tx = O.make_optimizer(O.OptimConfig(lr=lr, grad_clip=1.0, weight_decay=1e-4, eps=eps))
+    graphdef, policy = T.init_policy(stack.dit.merge(), tx, T.dit_trainable)
+    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=clip, beta=beta, guidance=guidance, micro_batch=micro))
+    return spec, T.init_train_state(jax.random.key(0), dit=policy)
+
+
+def advantages(n: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    r = np.random.default_rng(seed).standard_normal(n)
+    a = compute_advantages(r, np.repeat(np.arange(n // G), G))
+    return jnp.asarray(a.advantages), jnp.asarray(a.weights)
+
+
+def perturbed(params, scale: float, seed: int):
+    leaves, tdef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + scale * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+
+
+# ------------------------------------------------------------------------------------------- glue
+
+
+def test_prior_ids_upsample_the_target_grid():
+    layout = ArLayout.t2i(64, 96)  # target 2x3, preview 13x19
+    tok = np.random.default_rng(0).integers(0, 100, (3, layout.n_tokens)).astype(np.int32)
+    got = np.asarray(prior_ids(jnp.asarray(tok), layout)).reshape(3, 4, 6)
+    target = tok[:, layout.n_preview:layout.n_preview + 6].reshape(3, 2, 3)
+    for y in range(4):
+        for x in range(6):
+            np.testing.assert_array_equal(got[:, y, x], target[:, y // 2, x // 2])
+
+
+def test_optimizer_schedule_and_fp32_state():
+    f = O.lr_schedule(O.OptimConfig(lr=1.0, warmup_steps=4, total_steps=14, final_lr_ratio=0.1))
+    np.testing.assert_allclose([float(f(s)) for s in (0, 3, 4, 9, 14, 20)],
+                               [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
+    tx = O.make_optimizer(O.OptimConfig(lr=1e-2))
+    params = {"w": jnp.ones((3,), jnp.bfloat16)}
+    state = tx.init(params)
+    assert all(x.dtype != jnp.bfloat16 for x in jax.tree.leaves(state))
+    upd, _ = tx.update({"w": jnp.ones((3,), jnp.bfloat16)}, state, params)
+    assert upd["w"].dtype == jnp.bfloat16
+
+
+def test_ar_rollout_groups(ar_roll):
+    tok = np.asarray(ar_roll.tokens)
+    assert tok.shape == (2 * G, LAYOUT.n_tokens) and ar_roll.images.shape == (2 * G, H, W, 3)
+    assert ar_roll.images.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(ar_roll.group_ids), np.repeat([4, 5], G))
+    np.testing.assert_array_equal(np.asarray(ar_roll.sample_ids), 16 + np.arange(2 * G))
+    for a in range(2 * G):  # unique RNG per sample: no two rows share their preview tokens
+        for b in range(a + 1, 2 * G):
+            assert np.mean(tok[a, :LAYOUT.n_preview] != tok[b, :LAYOUT.n_preview]) > 0.5
+    mask = np.asarray(ar_roll.loss_mask)
+    assert mask[:, :-1].all() and not mask[:, -1].any()
+
+
+def test_dit_rollout_window_and_noise(dit_roll):
+    steps = np.asarray(dit_roll.steps)
+    assert steps.shape == (2 * G, 2) and np.all(steps == steps[:1])
+    w = steps[0, 0]
+    assert steps[0, 1] == w + 1 and 0 <= w <= DIT_CFG.num_steps // 2 - 2
+    x = np.asarray(dit_roll.x_next).reshape(2 * G, 2, -1)
+    for a in range(2 * G):  # unique x_T and per-step noise within and across groups
+        for b in range(a + 1, 2 * G):
+            assert np.corrcoef(x[a, 1], x[b, 1])[0, 1] < 0.9
+    assert np.all(np.isfinite(np.asarray(dit_roll.logprobs)))
+    starts = {int(np.argmax(np.asarray(R.sde_step_mask(DIT_CFG, jax.random.key(s))))) for s in range(40)}
+    assert starts == {0, 1}  # w ~ U{0 .. N//2 - W} = {0, 1}
+    frac = R.DitRolloutConfig(num_steps=6, timestep_fraction=1.0)
+    np.testing.assert_array_equal(np.asarray(R.sde_step_mask(frac, jax.random.key(0))), [1, 1, 1, 1, 1, 0])
+
+
+# -------------------------------------------------------------------------------- rollout lp == trainer lp
+
+
+def test_ar_rollout_logprobs_equal_trainer_logprobs(stack, ar_roll):
+    a, w = advantages(2 * G, 0)
+    batch = R.ar_batch(ar_roll, a, w)
+    for micro in (0, 2):
+        spec, ts = ar_setup(stack, micro=micro)
+        lp = np.asarray(T.ar_old_logprobs_jit(spec, ts, batch))
+        err = np.abs(lp - np.asarray(ar_roll.logprobs))[:, :-1].max()
+        assert err <= 1e-5, (micro, err)
+
+
+def test_dit_rollout_logprobs_equal_replay(stack, dit_roll):
+    a, w = advantages(2 * G, 1)
+    batch = R.dit_batch(dit_roll, a, w)
+    for micro in (0, 2):
+        spec, ts = dit_setup(stack, micro=micro)
+        lp = np.asarray(T.dit_old_logprobs_jit(spec, ts, batch))
+        err = np.abs(lp - np.asarray(dit_roll.logprobs)).max()
+        assert err <= 1e-6, (micro, err)
+    # stored rollout lp as old lp (Flow-GRPO's path): ratio 1 to 1e-6 on the first pass
+    _, metrics = T.dit_grads_jit(spec, ts.dit, R.dit_batch(dit_roll, a, w, old_from_rollout=True))
+    assert abs(float(metrics["ratio_min"]) - 1) <= 1e-6 and abs(float(metrics["ratio_max"]) - 1) <= 1e-6
+
+
+# ------------------------------------------------------------------------------- on-policy == REINFORCE
+
+
+def test_ar_on_policy_ratio_is_one_and_gradient_is_reinforce(stack, ar_roll):
+    a, w = advantages(2 * G, 2)
+    w = w.at[1].set(0.5)
+    batch = R.ar_batch(ar_roll, a, w)
+    spec, ts = ar_setup(stack)
+    grads, metrics = T.ar_grads_jit(spec, ts.ar, batch)
+    assert float(metrics["ratio_min"]) == 1.0 and float(metrics["ratio_max"]) == 1.0
+    graphdef, frozen = spec.graphdef, ts.ar.frozen
+    mask = jnp.asarray(LAYOUT.loss_mask())
+
+    @jax.jit
+    def reinforce(params):
+        model = nnx.merge(graphdef, params, frozen)
+        s = score_tokens(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.decode_positions,
+                         batch.tokens, SAMPLING, n_codes=stack.n_codes, eos_id=stack.eos_id)
+        per_seq = jnp.sum(mask * s.logprobs, axis=1) / jnp.sum(mask)
+        return -jnp.sum(w * a * per_seq) / jnp.sum(w)
+
+    want = jax.grad(reinforce)(ts.ar.params)
+    assert tree_rel(grads, want) < 1e-5
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
+
+
+def test_dit_on_policy_ratio_is_one_and_gradient_is_reinforce(stack, dit_roll):
+    a, w = advantages(2 * G, 3)
+    batch = R.dit_batch(dit_roll, a, w)
+    spec, ts = dit_setup(stack)
+    grads, metrics = T.dit_grads_jit(spec, ts.dit, batch)
+    assert float(metrics["ratio_min"]) == 1.0 and float(metrics["ratio_max"]) == 1.0
+    graphdef, frozen = spec.graphdef, ts.dit.frozen
+    sched = FlowSchedule(*dit_roll.sched, mu=0.0)
+
+    @jax.jit
+    def reinforce(params):
+        dit = nnx.merge(graphdef, params, frozen)
+        total = 0.0
+        for j in range(batch.steps.shape[1]):
+            out = step_logprob(dit, batch.x[:, j], batch.x_next[:, j], batch.steps[:, j], batch.cond, sched,
+                               guidance=1.5, noise_level=DIT_CFG.noise_level)
+            total = total + jnp.sum(w * a * out.logprob)
+        return -total / (jnp.sum(w) * batch.steps.shape[1])
+
+    want = jax.grad(reinforce)(ts.dit.params)
+    assert tree_rel(grads, want) < 1e-5
+
+
+# ----------------------------------------------------------------------------- constant groups, accumulation
+
+
+def test_constant_reward_group_has_zero_advantage_and_no_gradient(stack, ar_roll, dit_roll):
+    rewards = np.concatenate([np.full(G, 0.1), np.random.default_rng(4).standard_normal(G)])
+    adv = compute_advantages(rewards, np.repeat([0, 1], G))
+    assert np.all(adv.advantages[:G] == 0) and np.all(adv.weights[:G] == 0) and np.all(adv.weights[G:] == 1)
+    spec, ts = ar_setup(stack, beta=0.0)
+    batch = R.ar_batch(ar_roll, adv.advantages, adv.weights)
+    g_full, _ = T.ar_grads_jit(spec, ts.ar, batch)
+    other = np.asarray(batch.tokens).copy()
+    other[:G] = np.random.default_rng(5).integers(0, 100, other[:G].shape)  # the constant group's data
+    g_other, _ = T.ar_grads_jit(spec, ts.ar, batch._replace(tokens=jnp.asarray(other)))
+    assert tree_rel(g_other, g_full) < 1e-6
+    # a batch of only constant groups: exactly zero gradient (AR and DiT)
+    zeros = jnp.zeros(2 * G)
+    g0, _ = T.ar_grads_jit(spec, ts.ar, batch._replace(advantages=zeros, weights=zeros))
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g0))
+    dspec, dts = dit_setup(stack)
+    g0, _ = T.dit_grads_jit(dspec, dts.dit, R.dit_batch(dit_roll, zeros, zeros))
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g0))
+
+
+def test_ar_gradient_accumulation_equals_one_batch(stack, ar_roll):
+    """beta > 0 with a reference, off-policy old log-probs (ratios != 1, clipping active): 4 micro-batches of 2
+    give the gradient and the AdamW update of one batch of 8."""
+    a, w = advantages(2 * G, 6)
+    batch = R.ar_batch(ar_roll, a, w)
+    spec1, ts1 = ar_setup(stack, lr=1e-3, beta=0.05, eps=1e-2)
+    ref = perturbed(ts1.ar.params, 0.05, 0)
+    old_spec = T.ArSpec(spec1.graphdef, spec1.tx, spec1.loss)
+    old = T.ar_old_logprobs_jit(old_spec, T.TrainState(ts1.step, ts1.rng, ts1.ar._replace(
+        params=perturbed(ts1.ar.params, 0.5, 1))), batch)
+    batch = batch._replace(old_logprobs=old)
+    spec4, ts4 = ar_setup(stack, lr=1e-3, beta=0.05, micro=2, eps=1e-2)
+    g1, m1 = T.ar_grads_jit(spec1, ts1.ar, batch, ref)
+    g4, m4 = T.ar_grads_jit(spec4, ts4.ar, batch, ref)
+    assert float(m1["clip_frac"]) > 0 and float(m1["kl_loss"]) > 0
+    assert tree_rel(g4, g1) < 1e-5
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+    p0 = jax.tree.map(np.asarray, ts1.ar.params)
+    new1, _ = T.ar_update_jit(spec1, ts1, batch, ref)
+    new4, _ = T.ar_update_jit(spec4, ts4, batch, ref)
+    # AdamW steps (eps 1e-2, well above the float noise of tiny gradient entries) agree
+    d1 = jax.tree.map(lambda a, b: np.asarray(a) - b, new1.ar.params, p0)
+    d4 = jax.tree.map(lambda a, b: np.asarray(a) - b, new4.ar.params, p0)
+    assert tree_rel(d4, d1) < 1e-3
+    assert int(new4.step) == 1
+
+
+def test_dit_gradient_accumulation_equals_one_batch(stack, dit_roll):
+    a, w = advantages(2 * G, 7)
+    spec1, ts1 = dit_setup(stack, lr=1e-3, beta=0.05, eps=1e-2)
+    spec4, ts4 = dit_setup(stack, lr=1e-3, beta=0.05, micro=2, eps=1e-2)
+    ref = perturbed(ts1.dit.params, 0.05, 2)
+    old = T.dit_old_logprobs_jit(spec1, T.TrainState(ts1.step, ts1.rng, dit=ts1.dit._replace(
+        params=perturbed(ts1.dit.params, 0.5, 3))), R.dit_batch(dit_roll, a, w))
+    batch = R.dit_batch(dit_roll, a, w)._replace(old_logprobs=old)
+    g1, m1 = T.dit_grads_jit(spec1, ts1.dit, batch, ref)
+    g4, m4 = T.dit_grads_jit(spec4, ts4.dit, batch, ref)
+    assert float(m1["clipfrac"]) > 0 and float(m1["kl_loss"]) > 0
+    assert tree_rel(g4, g1) < 1e-5
+    p0 = jax.tree.map(np.asarray, ts1.dit.params)
+    new1, _ = T.dit_update_jit(spec1, ts1, batch, ref)
+    new4, _ = T.dit_update_jit(spec4, ts4, batch, ref)
+    d1 = jax.tree.map(lambda a, b: np.asarray(a) - b, new1.dit.params, p0)
+    d4 = jax.tree.map(lambda a, b: np.asarray(a) - b, new4.dit.params, p0)
+    assert tree_rel(d4, d1) < 1e-3
+
+
+def test_both_step_updates_each_policy_with_its_own_optimizer(stack, ar_roll, dit_roll):
+    a, w = advantages(2 * G, 8)
+    ar_spec, ar_ts = ar_setup(stack, lr=0.0)
+    dit_spec, dit_ts = dit_setup(stack, lr=1e-3)
+    ts = T.init_train_state(jax.random.key(3), ar=ar_ts.ar, dit=dit_ts.dit)
+    ar0, dit0 = jax.tree.map(np.asarray, (ts.ar.params, ts.dit.params))
+    ts, metrics = T.both_update_jit(ar_spec, dit_spec, ts, R.ar_batch(ar_roll, a, w), R.dit_batch(dit_roll, a, w))
+    assert int(ts.step) == 1 and "ar/grad_norm" in metrics and "dit/grad_norm" in metrics
+    assert float(metrics["ar/grad_norm"]) > 0
+    assert tree_rel(ts.ar.params, ar0) == 0.0       # AR lr 0
+    assert tree_rel(ts.dit.params, dit0) > 1e-6     # DiT lr 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+
+def colour_reward(images, target=(0.9, 0.2, 0.1)) -> np.ndarray:
+    """Minus the distance of the mean image colour (in [0, 1]) to a target colour."""
+    m = np.asarray(images, np.float64).mean(axis=(1, 2)) / 255.0
+    return -np.sqrt(((m - np.asarray(target)) ** 2).sum(-1))
+
+
+def rise_z(curve) -> float:
+    """(mean of the last 10 - mean of the first 10) / its standard error."""
+    f, last = np.asarray(curve[:10]), np.asarray(curve[-10:])
+    return float((last.mean() - f.mean()) / np.sqrt(f.var(ddof=1) / 10 + last.var(ddof=1) / 10))
+
+
+def run_dit(stack, prompts, glyph, lr: float, steps: int):
+    cfg = R.DitRolloutConfig(group_size=8, num_steps=4, sde_window=2, guidance=1.0)
+    spec, ts = dit_setup(stack, lr=lr, beta=0.01, guidance=1.0)
+    ref = ts.dit.params
+    tokens, _ = R.sample_group_tokens(stack.ar, prompts, jax.random.key(7), jnp.arange(2), SAMPLING,
+                                      n_codes=stack.n_codes, eos_id=stack.eos_id)
+    sched = stack.schedule(4, H, W)
+    curve, kls = [], []
+    for it in range(steps):
+        roll = R.dit_group_rollout((spec.graphdef, (ts.dit.params, ts.dit.frozen)), stack.vae, tokens, LAYOUT,
+                                   *glyph, jax.random.key(100 + it), cfg, sched, height=H, width=W,
+                                   first_sample_id=16 * it, first_group_id=2 * it)
+        r = colour_reward(roll.images)
+        adv = compute_advantages(r, np.asarray(roll.group_ids))
+        ts, m = T.dit_update_jit(spec, ts, R.dit_batch(roll, adv.advantages, adv.weights), ref)
+        curve.append(r.mean())
+        kls.append(float(m["kl_loss"]))
+    return np.asarray(curve), np.asarray(kls)
+
+
+def test_dit_learns_a_colour_reward(stack, prompts, glyph):
+    curve, kls = run_dit(stack, prompts, glyph, 1e-2, 50)
+    flat, flat_kl = run_dit(stack, prompts, glyph, 0.0, 50)
+    z, z0 = rise_z(curve), rise_z(flat)
+    assert z > 3, (z, curve[:10].mean(), curve[-10:].mean())
+    assert z0 < 3, z0
+    assert np.all(np.isfinite(kls)) and kls[-1] > 0 and np.all(flat_kl == 0)
