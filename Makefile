@@ -38,11 +38,9 @@ sysdeps:
 	    else echo "error: missing system packages:$$missing; install them with: sudo apt-get install$$missing"; \
 	      exit 1; fi; fi
 
-# Until the GRPO trainer lands, `make train` generates the sample prompts with the embedded tiny random GLM-Image
-# (the whole rollout engine: AR sampling, glyph encoder, DiT flow sampler, VAE decode).
+# GRPO on the embedded default: the tiny random GLM-Image and the sample T2I data, on CPU.
 train: venv sysdeps
-	$(PY) -m glm_jax.generate --tiny --prompts-file data/t2i/prompts.txt --height 64 --width 64 --steps 8 \
-	  --out runs/tiny-samples
+	$(PY) -m glm_jax.train --config configs/t2i.py:tiny --workdir runs/tiny
 
 test: venv sysdeps
 	$(PY) -m pytest -n 2 --dist loadfile tests

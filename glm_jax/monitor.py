@@ -53,11 +53,11 @@ class Monitor:
     """TensorBoard + PNG + console output of a training run (only `is_main` writes anything)."""
 
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, is_main: bool = True,
-                 stream=sys.stderr):
+                 stream=None):
         self.is_main = is_main
         self.workdir = workdir
         self.total = total_steps
-        self.stream = stream
+        self.stream = sys.stderr if stream is None else stream
         self._t0, self._s0 = time.time(), start_step
         self._writer = None
         self._bar = None
@@ -69,8 +69,8 @@ class Monitor:
             self._writer = SummaryWriter(self.tb_dir, flush_secs=10)
             try:
                 from tqdm import tqdm
-                self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=stream,
-                                 dynamic_ncols=True, disable=not getattr(stream, "isatty", lambda: False)())
+                self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=self.stream,
+                                 dynamic_ncols=True, disable=not getattr(self.stream, "isatty", lambda: False)())
             except ImportError:  # pragma: no cover
                 self._bar = None
 
