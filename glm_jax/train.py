@@ -144,9 +144,10 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
 
     sampling = SamplingParams(temperature=cfg.ar.temperature, top_k=cfg.ar.top_k or stack.n_codes,
                               top_p=cfg.ar.top_p)
-    policies, specs = {}, {}
+    policies, specs, lr_fns = {}, {}, {}
     if use_ar:
         tx = O.make_optimizer(O.OptimConfig.from_config(cfg.ar, cfg.train.steps))
+        lr_fns["ar"] = O.lr_schedule(O.OptimConfig.from_config(cfg.ar, cfg.train.steps))
         graphdef, policies["ar"] = T.init_policy(stack.ar.merge(), tx, T.ar_trainable)
         specs["ar"] = T.ArSpec(graphdef, tx, T.ArLossConfig(
             n_codes=stack.n_codes, eos_id=stack.eos_id, sampling=sampling, eps_low=cfg.ar.epsilon,
@@ -154,6 +155,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             micro_batch=cfg.train.micro_batch))
     if use_dit:
         tx = O.make_optimizer(O.OptimConfig.from_config(cfg.dit, cfg.train.steps))
+        lr_fns["dit"] = O.lr_schedule(O.OptimConfig.from_config(cfg.dit, cfg.train.steps))
         graphdef, policies["dit"] = T.init_policy(stack.dit.merge(), tx, T.dit_trainable)
         specs["dit"] = T.DitSpec(graphdef, tx, T.DitLossConfig(
             clip_range=cfg.dit.clip_range, adv_clip=cfg.reward.adv_clip, beta=cfg.dit.beta, kernel=cfg.dit.kernel,
@@ -280,6 +282,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             dt = time.perf_counter() - t_iter
             n_images = len(prompts) * ((cfg.ar.group_size if use_ar else 0) + (cfg.dit.group_size if use_dit else 0))
             metrics.update(times)
+            metrics.update({f"{k}/learning_rate": float(fn(step - 1)) for k, fn in lr_fns.items()})
             metrics["time/iteration_s"] = dt
             metrics["throughput/images_per_s"] = n_images / dt
             history.append(metrics)
