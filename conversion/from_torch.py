@@ -20,7 +20,7 @@ import time
 
 from conversion.apply import ConversionError, convert_tensors, param_shapes
 from conversion.safetensors_io import SafetensorsError, SafetensorsFile, list_weight_files
-from glm_jax.checkpoint import FORMAT_VERSION, MANIFEST, abstract_model, save_params
+from glm_jax.checkpoint import FORMAT_VERSION, MANIFEST, abstract_model, publish_dir, save_params
 from glm_jax.components import COMPONENTS, FILE_SLOTS, component_dir_kind, detect_component, read_json
 
 
@@ -109,13 +109,7 @@ def convert(src: str, dst: str, *, overwrite: bool = False, log=print) -> dict:
             log(f"converted {slot} in {time.time() - t0:.1f}s")
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        if os.path.exists(dst):
-            old = f"{dst}.old-{os.getpid()}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,7 @@ import numpy as np
 from conversion.apply import ConversionError
 from conversion.safetensors_io import PendingTensor, write_sharded
 from conversion.table import find_jax, jax_to_torch_array, torch_shape_for
-from glm_jax.checkpoint import load_params, read_manifest
+from glm_jax.checkpoint import load_params, publish_dir, read_manifest
 from glm_jax.components import COMPONENTS, FILE_SLOTS
 
 
@@ -85,13 +85,7 @@ def export(ckpt: str, dst: str, *, max_shard_size: int = 5 * 10 ** 9, overwrite:
             if len(slots) != 1:
                 raise ConversionError(f"{ckpt}: a component checkpoint must hold exactly one component")
             export_component(ckpt, slots[0], tmp, max_shard_size, params_override.get(slots[0]))
-        if os.path.exists(dst):
-            old = f"{dst}.old-{os.getpid()}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

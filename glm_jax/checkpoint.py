@@ -29,6 +29,19 @@ FORMAT_VERSION = 1
 MANIFEST = "glm_jax.json"
 
 
+def publish_dir(tmp: str, dst: str) -> None:
+    """Moves a fully written directory `tmp` to `dst` by renames, replacing an existing `dst` only once `tmp`
+    is complete, so a reader never sees a half-written `dst`."""
+    import shutil
+    if os.path.exists(dst):
+        old = f"{dst}.old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
 def nest(flat: Mapping[str, Any]) -> dict:
     """`{"a.b.0.c": x}` -> `{"a": {"b": {"0": {"c": x}}}}`."""
     out: dict = {}

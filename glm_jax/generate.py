@@ -83,12 +83,6 @@ def _load_sources(paths: list[str]):
     return out
 
 
-def upsample_prior(target_BHW: np.ndarray) -> np.ndarray:
-    """AR target grid `[B, th, tw]` -> DiT prior ids `[B, (2 th)(2 tw)]`: `prior[y, x] = ar[y // 2, x // 2]`."""
-    up = np.repeat(np.repeat(np.asarray(target_BHW), 2, axis=1), 2, axis=2)
-    return up.reshape(up.shape[0], -1).astype(np.int32)
-
-
 def generate(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -97,6 +91,7 @@ def generate(args) -> dict:
     from glm_jax import glyph
     from glm_jax.checkpoint import component_config, load_model
     from glm_jax.components import read_json
+    from glm_jax.pipeline import prior_ids, upsample_grid
     from glm_jax.prompts import PromptBuilder
     from glm_jax.sampling import flow
     from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_ar
@@ -156,7 +151,7 @@ def generate(args) -> dict:
         for img, ids, (gh, gw) in zip(batch.vae_sources[0], per_src, batch.source_grids[0], strict=True):
             z = vae.normalize(vae.encode_mean(jnp.asarray(img)[None].astype(dtype)))
             refs_z.append(z)
-            refs_ids.append(upsample_prior(ids.reshape(1, gh, gw)))
+            refs_ids.append(upsample_grid(ids.reshape(1, gh, gw)))
             refs_size.append((z.shape[1] * 8, z.shape[2] * 8))
         ref_kv = flow.reference_kv(dit, refs_z, refs_ids, refs_size)
     timings["source_encode_s"] = time.perf_counter() - t1
@@ -182,7 +177,7 @@ def generate(args) -> dict:
     timings["ar_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    prior = jnp.asarray(upsample_prior(np.asarray(roll.target)))
+    prior = prior_ids(roll.tokens, layout)
     emb, _ = glyph.glyph_embeds(t5, rows)
     neg = glyph.negative_glyph_embeds(t5, len(rows)) if args.guidance > 1 else None
     cond = flow.make_cond(emb.astype(dtype), prior, args.height, args.width,

@@ -238,7 +238,13 @@ def prior_ids(tokens_BN: jax.Array, layout: ArLayout) -> jax.Array:
     """DiT prior ids `[B, (2 th)(2 tw)]` (int32, raster) of generated tokens: `prior[y, x] = target[y//2, x//2]`
     (the pipeline's nearest x2 upsampling of the target grid; preview and final tokens are dropped)."""
     _, target = layout.split(jnp.asarray(tokens_BN))
-    up = jnp.repeat(jnp.repeat(target, 2, axis=1), 2, axis=2)
+    return upsample_grid(target)
+
+
+def upsample_grid(grid_BHW: jax.Array) -> jax.Array:
+    """An AR code grid `[B, h, w]` -> DiT prior ids `[B, (2h)(2w)]` (nearest x2, raster, int32); also used for
+    the i2i source codes of the reference pass."""
+    up = jnp.repeat(jnp.repeat(jnp.asarray(grid_BHW), 2, axis=1), 2, axis=2)
     return up.reshape(up.shape[0], -1).astype(jnp.int32)
 
 

@@ -145,7 +145,7 @@ def write_tiny_checkpoint(dst: str, seed: int = 0) -> str:
     import os
     import shutil
 
-    from glm_jax.checkpoint import FORMAT_VERSION, MANIFEST, save_params
+    from glm_jax.checkpoint import FORMAT_VERSION, MANIFEST, publish_dir, save_params
     tmp = f"{dst}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -178,9 +178,7 @@ def write_tiny_checkpoint(dst: str, seed: int = 0) -> str:
                    "vision_language_encoder": ["transformers", "GlmImageForConditionalGeneration"]}, f, indent=2)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    publish_dir(tmp, dst)
     return dst
 
 

@@ -63,6 +63,14 @@ def _check_supported(cfg) -> None:
         raise ConfigError("config.ema.decay: EMA is not available in this version; set it to 0")
 
 
+def sync(tree) -> float:
+    """Blocks until `tree` is computed (dispatch is asynchronous) so that a timer around its step is honest;
+    returns 0.0 for use in sums."""
+    import jax
+    jax.block_until_ready(tree)
+    return 0.0
+
+
 def _captions(components: dict, total: np.ndarray) -> list[str]:
     out = []
     for i in range(len(total)):
@@ -208,6 +216,31 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             glyph = pad_glyph(glyph, max_glyph)
             key = jax.random.fold_in(jax.random.key(cfg.seed), step)
             metrics: dict[str, float] = {}
+
+            def score(part, images, group_ids, g, prompts=prompts, batch=batch, times=times, metrics=metrics,
+                      step=step):
+                """Rewards of one rollout (each prompt's target repeated over its group) -> advantages; logs the
+                reward / advantage metrics and, every `log.images_every` steps, the group grid."""
+                t0 = time.perf_counter()
+                ctx = RewardContext.make([p for p in prompts for _ in range(g)],
+                                         targets=[t for t in batch.targets for _ in range(g)])
+                res = rewards[part](images, ctx)
+                times[f"time/{part}_rewards_s"] = time.perf_counter() - t0
+                adv = compute_advantages(res.components, np.asarray(group_ids), reward_weights=rewards[part].weights,
+                                         scale_rewards=cfg.reward.scale_rewards, aggregation=cfg.reward.aggregate,
+                                         clip=cfg.reward.adv_clip)
+                metrics.update({f"{part}/adv/{k}": float(v) for k, v in adv.metrics.items()})
+                metrics.update({f"{part}/reward/{k}": v for k, v in res.metrics.items()})
+                metrics[f"{part}/reward/total_mean"] = float(np.nanmean(res.total))
+                metrics[f"{part}/reward/total_std"] = float(np.nanstd(res.total))
+                if cfg.log.images_every and step % cfg.log.images_every == 0:
+                    monitor.image(step, f"train/{part}_groups",
+                                  image_grid(images, columns=g, captions=_captions(res.components, res.total)))
+                return adv
+
+            def record(part, m, metrics=metrics):
+                metrics.update({f"{part}/{k}": float(v) for k, v in m.items()})
+
             tokens_for_dit = None
             dit_split = ((specs["dit"].graphdef, T.policy_split(specs["dit"].graphdef, ts.dit)[1]) if use_dit
                          else stack.dit)
@@ -221,64 +254,35 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                           first_group_id=step * 10_000)
                 images = np.asarray(roll.images)
                 times["time/ar_rollout_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                ctx = RewardContext.make([p for p in prompts for _ in range(g)],
-                                         targets=[t for t in batch.targets for _ in range(g)])
-                res = rewards["ar"](images, ctx)
-                times["time/ar_rewards_s"] = time.perf_counter() - t0
-                adv = compute_advantages(res.components, np.asarray(roll.group_ids),
-                                         reward_weights=rewards["ar"].weights,
-                                         scale_rewards=cfg.reward.scale_rewards, aggregation=cfg.reward.aggregate,
-                                         clip=cfg.reward.adv_clip)
+                adv = score("ar", images, roll.group_ids, g)
                 t0 = time.perf_counter()
                 ts, m = T.ar_train_on_rollout(specs["ar"], ts, R.ar_batch(roll, adv.advantages, adv.weights),
                                               cfg.train.num_iterations, refs.get("ar"))
-                times["time/ar_update_s"] = time.perf_counter() - t0
-                metrics.update({f"ar/{k}": float(v) for k, v in m[-1].items()})
-                metrics.update({f"ar/adv/{k}": float(v) for k, v in adv.metrics.items()})
-                metrics.update({f"ar/reward/{k}": v for k, v in res.metrics.items()})
-                metrics["ar/reward/total_mean"] = float(np.nanmean(res.total))
-                metrics["ar/reward/total_std"] = float(np.nanstd(res.total))
+                times["time/ar_update_s"] = time.perf_counter() - t0 + sync(m)
+                record("ar", m[-1])
                 tokens_for_dit = R.first_of_groups(roll.tokens, g)
-                if cfg.log.images_every and step % cfg.log.images_every == 0:
-                    monitor.image(step, "train/ar_groups", image_grid(images, columns=g,
-                                                                      captions=_captions(res.components, res.total)))
             if use_dit:
                 if tokens_for_dit is None:
                     t0 = time.perf_counter()
                     tokens_for_dit, _ = R.sample_group_tokens(stack.ar, arp, jax.random.fold_in(key, 1),
                                                               jnp.arange(len(prompts)) + step * 1_000_000,
                                                               sampling, n_codes=stack.n_codes, eos_id=stack.eos_id)
-                    times["time/ar_rollout_s"] = time.perf_counter() - t0
+                    times["time/ar_rollout_s"] = time.perf_counter() - t0 + sync(tokens_for_dit)
                 t0 = time.perf_counter()
                 g = cfg.dit.group_size
+                # the AR update donated `ts`, so the DiT's current params are taken from the new state
                 dit_split = (specs["dit"].graphdef, T.policy_split(specs["dit"].graphdef, ts.dit)[1])
                 droll = R.dit_group_rollout(dit_split, stack.vae, tokens_for_dit, arp.layout, glyph, neg,
                                             jax.random.fold_in(key, 2), dit_rcfg, dit_sched, height=H, width=W,
                                             first_sample_id=step * 1_000_000, first_group_id=step * 10_000)
                 images = np.asarray(droll.images)
                 times["time/dit_rollout_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                ctx = RewardContext.make([p for p in prompts for _ in range(g)],
-                                         targets=[t for t in batch.targets for _ in range(g)])
-                res = rewards["dit"](images, ctx)
-                times["time/dit_rewards_s"] = time.perf_counter() - t0
-                adv = compute_advantages(res.components, np.asarray(droll.group_ids),
-                                         reward_weights=rewards["dit"].weights,
-                                         scale_rewards=cfg.reward.scale_rewards, aggregation=cfg.reward.aggregate,
-                                         clip=cfg.reward.adv_clip)
+                adv = score("dit", images, droll.group_ids, g)
                 t0 = time.perf_counter()
                 ts, m = T.dit_train_on_rollout(specs["dit"], ts, R.dit_batch(droll, adv.advantages, adv.weights),
                                                cfg.train.num_iterations, refs.get("dit"))
-                times["time/dit_update_s"] = time.perf_counter() - t0
-                metrics.update({f"dit/{k}": float(v) for k, v in m[-1].items()})
-                metrics.update({f"dit/adv/{k}": float(v) for k, v in adv.metrics.items()})
-                metrics.update({f"dit/reward/{k}": v for k, v in res.metrics.items()})
-                metrics["dit/reward/total_mean"] = float(np.nanmean(res.total))
-                metrics["dit/reward/total_std"] = float(np.nanstd(res.total))
-                if cfg.log.images_every and step % cfg.log.images_every == 0:
-                    monitor.image(step, "train/dit_groups", image_grid(images, columns=g,
-                                                                       captions=_captions(res.components, res.total)))
+                times["time/dit_update_s"] = time.perf_counter() - t0 + sync(m)
+                record("dit", m[-1])
             dt = time.perf_counter() - t_iter
             n_images = len(prompts) * ((cfg.ar.group_size if use_ar else 0) + (cfg.dit.group_size if use_dit else 0))
             metrics.update(times)

@@ -22,7 +22,7 @@ def test_cli_runs_each_component(component, tmp_path, capsys):
     assert train.main(["--config", f"configs/t2i.py:tiny,{component}", "--workdir", str(work), *FAST]) == 0
     cfg = json.loads((work / "config.json").read_text())
     assert cfg["component"] == component and cfg["train"]["steps"] == 2
-    assert sorted(os.listdir(work / "checkpoints")) == ["2"] or "2" in os.listdir(work / "checkpoints")
+    assert "2" in os.listdir(work / "checkpoints")
     assert any(f.startswith("events") for f in os.listdir(work / "tensorboard"))
     assert any(f.endswith("_000002.png") for f in os.listdir(work / "images"))
     err = capsys.readouterr().err
