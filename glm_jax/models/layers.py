@@ -30,6 +30,10 @@ class Dense(nnx.Module):
     """`y = x @ kernel + bias` with kernel `(in, out)` (the transpose of torch's `nn.Linear.weight`).
 
     Compute happens in `dtype` (inputs and kernel are cast); parameters are stored in `param_dtype`.
+
+    Optional LoRA adapters (`glm_jax.lora.add_lora` sets them): `lora_a` `(in, rank)` and `lora_b` `(rank, out)`
+    add `lora_scale * (x @ lora_a) @ lora_b` (`lora_scale = alpha / rank`), also in `dtype`. Without adapters
+    (`lora_a is None`) the layer is the plain matmul.
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
@@ -40,11 +44,17 @@ class Dense(nnx.Module):
         self.kernel = param(rngs, (in_features, out_features), axes, param_dtype)
         self.bias = (param(rngs, (out_features,), (axes[1],), param_dtype, jax.nn.initializers.zeros)
                      if use_bias else None)
+        self.lora_a = self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            xa = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            y = y + jnp.dot(self.lora_scale * xa, self.lora_b[...].astype(self.dtype))
         return y
 
 
