@@ -99,31 +99,84 @@ def component_config(ckpt: str, slot: str) -> dict:
     return read_json(os.path.join(ckpt, slot, "config.json"))
 
 
-def abstract_model(slot: str, hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32):
-    """An abstract (shape-only) module for a component, built from its HF config."""
+def abstract_model(slot: str, hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, lora=None):
+    """An abstract (shape-only) module for a component, built from its HF config; `lora` (a
+    `glm_jax.lora.LoraConfig`) adds float32 adapters to its targets."""
     spec = COMPONENTS[slot]
     cfg = spec.config_from_hf(hf_config)
     cls = spec.model_class()
-    return cfg, nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+    def build():
+        module = cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        if lora is not None:
+            from glm_jax.lora import add_lora
+            add_lora(module, lora, rngs=nnx.Rngs(0))
+        return module
+
+    return cfg, nnx.eval_shape(build)
 
 
-def load_model(ckpt: str, slot: str, *, dtype=jnp.float32, param_dtype=None, shardings=None):
-    """Builds the module of `slot` from a glm_jax checkpoint and fills in its parameters.
-
-    `param_dtype=None` keeps the stored dtypes. `shardings`, a function `(path, ShapeDtypeStruct) -> Sharding`,
-    restores each parameter straight into its sharding. Returns `(cfg, module)`.
-    """
-    hf_config = component_config(ckpt, slot)
-    cfg, abstract = abstract_model(slot, hf_config, dtype=dtype, param_dtype=param_dtype or jnp.float32)
-    graphdef, state = nnx.split(abstract)
-    flat_state = nnx.to_flat_state(state)
-    stored = {}
-    params_dir = os.path.join(ckpt, slot, "params")
+def stored_metadata(params_dir: str) -> dict[str, Any]:
+    """Flat `{path: metadata with .shape / .dtype}` of an orbax parameter checkpoint, without reading arrays."""
     import orbax.checkpoint as ocp
+    if not os.path.isdir(params_dir):
+        raise ValueError(f"{params_dir}: parameter checkpoint not found")
     meta = ocp.StandardCheckpointer().metadata(os.path.abspath(params_dir))
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    stored_meta = flatten(tree)
+    return flatten(tree)
+
+
+def checkpoint_lora(ckpt: str, slot: str, stored_meta: Mapping[str, Any] | None = None):
+    """The `glm_jax.lora.LoraConfig` of the adapters stored with `slot`, or None when it has none.
+
+    Checks that adapter keys and the manifest entry `lora.<slot>` come together and fit their kernels."""
+    from glm_jax.lora import read_checkpoint_lora
+    params_dir = os.path.join(ckpt, slot, "params")
+    if stored_meta is None:
+        stored_meta = stored_metadata(params_dir)
+    shapes = {k: tuple(m.shape) for k, m in stored_meta.items()}
+    return read_checkpoint_lora(read_manifest(ckpt), slot, shapes, params_dir)
+
+
+def _replicated(sharding):
+    """A sharding that replicates a (small) array over the devices of `sharding`."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    return sharding
+
+
+def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """`kernel + scale * a @ b` in float32 (exact matmul precision), cast back; keeps the kernel's sharding."""
+    fn = jax.jit(lambda k, x, y: (k.astype(jnp.float32) + scale * jnp.dot(
+        x.astype(jnp.float32), y.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)).astype(k.dtype))
+    out = fn(kernel, a, b)
+    sharding = getattr(kernel, "sharding", None)
+    return out if sharding is None else jax.device_put(out, sharding)
+
+
+def load_model(ckpt: str, slot: str, *, dtype=jnp.float32, param_dtype=None, shardings=None, lora: str = "merge"):
+    """Builds the module of `slot` from a glm_jax checkpoint and fills in its parameters.
+
+    `param_dtype=None` keeps the stored dtypes. `shardings`, a function `(path, ShapeDtypeStruct) -> Sharding`,
+    restores each parameter straight into its sharding. LoRA adapters stored with the component (manifest entry
+    `lora.<slot>`) are merged into their kernels by default (`lora="merge"`: the plain model, e.g. for
+    generation); `lora="keep"` returns the module with the adapters attached (`glm_jax.lora.add_lora`, adapters
+    in their stored dtype), e.g. to continue training them. Returns `(cfg, module)`.
+    """
+    if lora not in ("merge", "keep"):
+        raise ValueError(f"load_model: lora={lora!r}; expected 'merge' or 'keep'")
+    hf_config = component_config(ckpt, slot)
+    params_dir = os.path.join(ckpt, slot, "params")
+    stored_meta = stored_metadata(params_dir)
+    lora_cfg = checkpoint_lora(ckpt, slot, stored_meta)
+    keep = lora == "keep" and lora_cfg is not None
+    cfg, abstract = abstract_model(slot, hf_config, dtype=dtype, param_dtype=param_dtype or jnp.float32,
+                                   lora=lora_cfg if keep else None)
+    graphdef, state = nnx.split(abstract)
+    flat_state = nnx.to_flat_state(state)
+    from glm_jax.lora import adapter_pairs, is_adapter_key
     target = {}
     for path, var in flat_state:
         p = ".".join(str(x) for x in path)
@@ -134,12 +187,32 @@ def load_model(ckpt: str, slot: str, *, dtype=jnp.float32, param_dtype=None, sha
         if tuple(m.shape) != tuple(want_shape):
             raise ValueError(f"{params_dir}: parameter {p!r} has shape {tuple(m.shape)}, the config expects "
                              f"{tuple(want_shape)}")
-        dt = m.dtype if param_dtype is None else param_dtype
+        dt = m.dtype if (param_dtype is None or is_adapter_key(p)) else param_dtype
         sds = jax.ShapeDtypeStruct(want_shape, dt)
         if shardings is not None:
             sds = jax.ShapeDtypeStruct(want_shape, dt, sharding=shardings(p, sds))
         target[p] = sds
+    pairs = adapter_pairs(k for k in stored_meta if is_adapter_key(k)) if lora_cfg is not None else {}
+    if keep:
+        extra = sorted(k for k in stored_meta if is_adapter_key(k) and k not in target)
+        if extra:
+            raise ValueError(f"{params_dir}: LoRA key {extra[0]!r} is not on a target "
+                             f"{list(lora_cfg.targets)} of the manifest entry")
+    for base, keys in pairs.items():
+        if (base + ".kernel") not in target:
+            raise ValueError(f"{params_dir}: LoRA key {keys[0]!r} adapts {base + '.kernel'!r}, which the model "
+                             f"does not have")
+        for k in keys:
+            if k not in target:
+                m = stored_meta[k]
+                kernel_sharding = target[base + ".kernel"].sharding if shardings is not None else None
+                target[k] = jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=_replicated(kernel_sharding)
+                                                 if kernel_sharding is not None else None)
     stored = load_params(params_dir, target)
+    if not keep:
+        for base, (ka, kb) in pairs.items():
+            stored[base + ".kernel"] = _merged_kernel(stored[base + ".kernel"], stored.pop(ka), stored.pop(kb),
+                                                      lora_cfg.scale)
     for path, var in flat_state:
         var.set_value(jnp.asarray(stored[".".join(str(x) for x in path)]))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat_state))
