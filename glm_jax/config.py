@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import os
 from typing import Any
 
@@ -26,6 +27,7 @@ REMATS = ("none", "full", "dots", "dots_all")
 DTYPES = ("float32", "bfloat16")
 SCALES = ("group", "batch", "none")
 AGGREGATES = ("sum_then_normalize", "normalize_then_sum")
+LORA_TARGETS = ("attention", "mlp")
 
 
 class ConfigError(ValueError):
@@ -76,51 +78,75 @@ def base_config() -> ConfigDict:
         options=ConfigDict(),                   # per-reward options, e.g. {"lpips": {"net": "vgg"}}
         scale_rewards="group", aggregate="sum_then_normalize", adv_clip=5.0,
     ))
-    c.lora = ConfigDict(dict(enabled=False, rank=32, alpha=64.0, targets="attention,mlp"))
-    c.ema = ConfigDict(dict(decay=0.0, every=1))             # decay 0 = no EMA
+    c.lora = ConfigDict(dict(enabled=False, rank=32, alpha=64.0,
+                             targets="attention,mlp"))       # comma-separated: attention, mlp
+    c.ema = ConfigDict(dict(decay=0.0, every=1))             # decay 0 = no EMA; e.g. 0.9 every 8 or 0.995 every 1
     c.checkpoint = ConfigDict(dict(every=50, keep=3, async_save=True))
-    c.log = ConfigDict(dict(every=1, images_every=10, eval_every=50, eval_batches=1))
+    c.log = ConfigDict(dict(
+        every=1, images_every=10,
+        eval_every=50,                   # evaluation on the eval split every N steps and at the end (0 = end only)
+        eval_batches=1,                  # eval batches of groups_per_step prompts (0 = the whole eval split)
+        eval_num_steps=50,               # DiT ODE steps of the evaluation images
+        eval_guidance=1.5,               # CFG scale of the evaluation images (1 = off)
+    ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c
 
 
 def apply_variants(c: ConfigDict, arg: str | None) -> ConfigDict:
     """Named variants, comma-separated: `tiny` (the embedded default: tiny model, sample data, CPU sizes),
-    `ar` / `dit` / `both` (component), `lora` (LoRA fine-tuning), `full` (full fine-tuning)."""
-    for name in [a.strip() for a in (arg or "").split(",") if a.strip()]:
+    `ar` / `dit` / `both` (component), `lora` (LoRA fine-tuning with the LoRA learning rates of grpo_math §5),
+    `full` (full fine-tuning). `tiny` is applied first, so `tiny,lora` keeps the tiny learning rates."""
+    names = [a.strip() for a in (arg or "").split(",") if a.strip()]
+    for name in names:
+        if name not in (*COMPONENTS, "lora", "full", "tiny"):
+            raise ConfigError(f"unknown config variant {name!r} (known: tiny, ar, dit, both, lora, full)")
+    if "tiny" in names:
+        _tiny(c)
+    for name in names:
         if name in COMPONENTS:
             c.component = name
         elif name == "lora":
             c.lora.enabled = True
+            if "tiny" not in names:
+                c.ar.lr, c.dit.lr = 1e-5, 3e-4
         elif name == "full":
             c.lora.enabled = False
-        elif name == "tiny":
-            c.model.ckpt = ""
-            c.model.dtype = "float32"
-            c.image.height = c.image.width = 64
-            c.data.path = f"data/{c.mode}"
-            c.train.steps = 60
-            c.train.groups_per_step = 2
-            c.ar.group_size = 4
-            c.ar.decode_steps = 4
-            c.ar.lr = 3e-3
-            c.ar.warmup_steps = 0
-            c.ar.beta = 0.0
-            c.dit.group_size = 4
-            c.dit.num_steps = 4
-            c.dit.sde_window = 2
-            c.dit.lr = 1e-3
-            c.dit.warmup_steps = 0
-            c.dit.clip_range = 1e-3
-            c.dit.beta = 0.0
-            c.reward.ar = ConfigDict({"ssim": 1.0})
-            c.reward.dit = ConfigDict({"ssim": 1.0})
-            c.checkpoint.every = 20
-            c.log.images_every = 10
-            c.log.eval_every = 30
-        else:
-            raise ConfigError(f"unknown config variant {name!r} (known: tiny, ar, dit, both, lora, full)")
     return c
+
+
+def _tiny(c: ConfigDict) -> None:
+    """The embedded default: the tiny random GLM-Image on the sample data, sized for a few CPU minutes. The DiT
+    learns to raise an image-statistics reward (`aesthetic_heuristic` exposure + colourfulness; plus `structure`
+    to the source for I2I) within the run; the AR's reward is LPIPS to the target."""
+    c.model.ckpt = ""
+    c.model.dtype = "float32"
+    c.image.height = c.image.width = 64
+    c.data.path = f"data/{c.mode}"
+    c.component = "dit"
+    c.train.steps = 60
+    c.train.groups_per_step = 2
+    c.ar.group_size = 4
+    c.ar.decode_steps = 4
+    c.ar.decode_guidance = 1.0
+    c.ar.lr = 3e-3
+    c.ar.warmup_steps = 0
+    c.ar.beta = 0.0
+    c.dit.group_size = 8
+    c.dit.num_steps = 4
+    c.dit.sde_window = 2
+    c.dit.lr = 1e-2
+    c.dit.warmup_steps = 0
+    c.dit.clip_range = 1e-3
+    c.dit.beta = 1e-4
+    c.reward.ar = ConfigDict({"lpips": 1.0})
+    c.reward.dit = ConfigDict({"aesthetic_heuristic": 1.0, **({"structure": 0.2} if c.mode == "i2i" else {})})
+    c.reward.options = ConfigDict({"aesthetic_heuristic": {"weights": {"exposure": 1.0, "colourfulness": 1.0}}})
+    c.checkpoint.every = 20
+    c.log.images_every = 10
+    c.log.eval_every = 30
+    c.log.eval_num_steps = 4
+    c.log.eval_guidance = 1.0
 
 
 def load_config(spec: str) -> ConfigDict:
@@ -235,12 +261,18 @@ def validate(c: ConfigDict) -> ConfigDict:
         if c.component in (part, "both"):
             _check(len(c.reward[part]) > 0, f"reward.{part}", f"component {c.component!r} needs at least one reward")
     _check(c.lora.rank >= 1, "lora.rank", "must be >= 1")
+    _check(math.isfinite(c.lora.alpha) and c.lora.alpha > 0, "lora.alpha", "must be a finite number > 0")
+    targets = [t.strip() for t in c.lora.targets.split(",") if t.strip()]
+    _check(bool(targets) and all(t in LORA_TARGETS for t in targets), "lora.targets",
+           f"{c.lora.targets!r} must be a comma-separated list of {', '.join(LORA_TARGETS)}")
     _check(0 <= c.ema.decay < 1, "ema.decay", "must be in [0, 1)")
     _check(c.ema.every >= 1, "ema.every", "must be >= 1")
     _check(c.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    for f in ("every", "images_every", "eval_every"):
-        _check(c.log[f] >= 0, f"log.{f}", "must be >= 0 (0 = never)")
+    for f in ("every", "images_every", "eval_every", "eval_batches"):
+        _check(c.log[f] >= 0, f"log.{f}", "must be >= 0")
+    _check(c.log.eval_num_steps >= 1, "log.eval_num_steps", "must be >= 1")
+    _check(c.log.eval_guidance >= 1, "log.eval_guidance", "must be >= 1 (1 = no CFG)")
     return c
 
 

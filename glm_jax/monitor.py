@@ -1,5 +1,6 @@
-"""Watching training: TensorBoard scalars and image grids (tensorboardX), PNG grids in the workdir, and a console
-progress bar with ETA plus a one-line summary per logging step. Everything is a no-op outside process 0."""
+"""Watching training: TensorBoard scalars and image grids (tensorboardX), PNG grids in the workdir (`images/` for
+the sampled groups, `eval/step_<N>.png` for evaluations), and a console progress bar with ETA plus a one-line
+summary per logging step. Everything is a no-op outside process 0."""
 
 from __future__ import annotations
 
@@ -94,6 +95,19 @@ class Monitor:
             os.replace(tmp, path)
             return path
         return None
+
+    def eval_image(self, step: int, grid_uint8: np.ndarray) -> str | None:
+        """Logs an evaluation grid to TensorBoard (`eval/grid`) and saves it as `eval/step_<step>.png`."""
+        if not self.is_main:
+            return None
+        self._writer.add_image("eval/grid", grid_uint8, step, dataformats="HWC")
+        directory = os.path.join(self.workdir, "eval")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"step_{step}.png")
+        tmp = path + ".tmp"
+        Image.fromarray(grid_uint8).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        return path
 
     def advance(self, step: int) -> None:
         if self._bar is not None:

@@ -1,9 +1,9 @@
-"""GRPO training of GLM-Image: `python -m glm_jax.train --config configs/t2i.py[:variants] --workdir DIR
+"""GRPO training of GLM-Image: `python -m glm_jax.train --config configs/{t2i,i2i}.py[:variants] --workdir DIR
 [--config.a.b=value ...]`.
 
 One iteration (per `component`):
 
-    data batch (P prompts + targets) -> prompt ids -> glyph conditions
+    data batch (P prompts + targets [+ sources]) -> prompt ids [-> source codes, reference K/V] -> glyph conditions
     ar:   AR group rollout (P x G_ar token samples, rendered by the DiT ODE with x_T shared per group)
           -> AR reward set -> group advantages -> AR update
     dit:  one AR sample per prompt -> DiT group rollout (P x G_dit SDE trajectories) -> DiT reward set
@@ -12,18 +12,47 @@ One iteration (per `component`):
           reward set; the DiT rollout reuses the first AR sample of each group as its prior tokens, and the AR's
           reward images are rendered by the DiT as it was at the start of the iteration.
 
+**I2I** (`configs/i2i.py`): the sources go through the prompt builder (`PromptBuilder.build_i2i`); their VQ
+codes (frozen vision tower) replace the `<|image|>` placeholders of the AR prompt, and their reference K/V (one
+DiT "write" pass per source, computed once per prompt and step with the DiT of that step, shared by the group) is
+read by every DiT call of the AR render, the DiT rollout and the DiT update. Static shapes: every example of a
+run (train and eval) must have the same number of sources (checked at start-up), and sources are resized to the
+target size `image.height x image.width` (bicubic) when they differ from it, so the source grids, the reference
+K/V and the prompt lengths are the same in every step. The `structure` reward compares with the first source.
+
+**LoRA** (`lora.enabled`): adapters (`glm_jax.lora.add_lora`) on the trained component(s); only they are
+optimised and checkpointed, and the reference policy for `beta > 0` is the same module with every `lora_b`
+zeroed (`adapters_off`), i.e. the base model, with no second copy of the base weights.
+
+**EMA** (`ema.decay > 0`): a float32 EMA of the trained params (`glm_jax.ema`), updated every `ema.every` steps,
+checkpointed with the state, used by evaluation and (on request) by `python -m glm_jax.export --ema`.
+
+**Evaluation** every `log.eval_every` steps and at the end: the eval split's prompts are generated with the
+current policy (EMA params when the EMA is on) by AR sampling and the DiT ODE (`log.eval_num_steps`,
+`log.eval_guidance`) from a fixed seed, so successive evaluations are comparable; scored against the eval targets
+with each trained component's reward set and logged under `eval/<part>/...`; the grid is saved as
+`workdir/eval/step_<N>.png` (one row per eval batch) and sent to TensorBoard.
+
 The workdir holds `config.json` (the resolved config), `checkpoints/` (orbax, every `checkpoint.every` steps and
-at the end, the last `checkpoint.keep` kept, asynchronous and atomic), `tensorboard/` and `images/` (PNG grids of
-each sampled group with every image's reward). A rerun with the same workdir resumes from the newest complete
-checkpoint (trained params, optimizer states, step, RNG and data position); SIGTERM / SIGINT save and exit.
+at the end, the last `checkpoint.keep` kept, asynchronous and atomic), `tensorboard/`, `images/` (PNG grids of
+each sampled group with every image's reward) and `eval/`. A rerun with the same workdir resumes from the newest
+complete checkpoint (trained params, optimizer states, EMA, step, RNG and data position); SIGTERM / SIGINT save
+and exit. Logged per step: each reward component and the total (mean, std), advantages, clip fractions, ratio
+mean/min/max, KL, rollout-vs-trainer log-prob error, zero-std group ratio, learning rates, grad / update norms,
+the time split (AR sampling, DiT render / SDE, VAE decode, rewards, update), images/s and the updates' TFLOP/s
+(model FLOPs: `dit_flops` per DiT forward, 3x for forward + backward; for the AR the 6·N·tokens estimate with N
+its text decoder + head parameters, 2·N·tokens per reference forward).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -51,18 +80,6 @@ def _parse(argv):
     return args, overrides
 
 
-def _check_supported(cfg) -> None:
-    from glm_jax.config import ConfigError
-    if cfg.mode != "t2i":
-        raise ConfigError("config.mode: 'i2i' training is not available in this version (generation and rewards "
-                          "support editing; the I2I rollout is not wired into the trainer yet)")
-    if cfg.lora.enabled:
-        raise ConfigError("config.lora.enabled: LoRA fine-tuning is not available in this version; use full "
-                          "fine-tuning (the 'full' variant)")
-    if cfg.ema.decay > 0:
-        raise ConfigError("config.ema.decay: EMA is not available in this version; set it to 0")
-
-
 def sync(tree) -> float:
     """Blocks until `tree` is computed (dispatch is asynchronous) so that a timer around its step is honest;
     returns 0.0 for use in sums."""
@@ -74,7 +91,7 @@ def sync(tree) -> float:
 def _captions(components: dict, total: np.ndarray) -> list[str]:
     out = []
     for i in range(len(total)):
-        parts = [f"R={total[i]:.3f}"] + [f"{k}={v[i]:.3f}" for k, v in components.items()]
+        parts = [f"R={total[i]:.3f}"] + [f"{k[:10]}={v[i]:.3f}" for k, v in components.items()]
         out.append("\n".join(parts))
     return out
 
@@ -108,23 +125,399 @@ def pad_glyph(glyph, length: int):
     return glyph if extra <= 0 else jnp.pad(glyph, ((0, 0), (extra, 0), (0, 0)))
 
 
+def source_count(datasets, mode: str) -> int:
+    """The number of sources per example shared by every example of `datasets` (0 for T2I); a one-line
+    ValueError naming the first example whose count differs (I2I training needs one count per run)."""
+    if mode != "i2i":
+        return 0
+    first = None
+    for ds in datasets:
+        if ds is None:
+            continue
+        for e in ds.examples:
+            if first is None:
+                first = e
+            elif len(e.sources) != len(first.sources):
+                raise ValueError(f"{e.where}: {len(e.sources)} source image(s), but {first.where} has "
+                                 f"{len(first.sources)}; I2I training needs the same number of sources for every "
+                                 f"example (train and eval)")
+    return 0 if first is None else len(first.sources)
+
+
+def prompt_length(builder, prompts: list[str], height: int, width: int, n_sources: int, chunk: int = 512) -> int:
+    """The longest AR prompt (tokens) of `prompts` at `height x width` with `n_sources` target-sized sources: the
+    padded length of every batch of the run."""
+    from glm_jax.prompts import smart_resize, target_grids
+    longest = 0
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i:i + chunk]
+        if n_sources == 0:
+            longest = max(longest, int(builder.build_t2i(part, height, width).input_ids.shape[1]))
+            continue
+        c = builder.image_config
+        sh, sw = smart_resize(height, width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
+        src = (1, sh // c.patch_size, sw // c.patch_size)
+        (th, tw), _ = target_grids(height, width)
+        texts = [builder.render(p, n_sources) for p in part]
+        grids = [[src] * n_sources + [(1, th, tw)] for _ in part]
+        longest = max(longest, int(builder._finish(texts, grids, height, width, preview=None).input_ids.shape[1]))
+    return longest
+
+
+def resize_sources(sources, height: int, width: int) -> list[list[np.ndarray]]:
+    """Each prompt's source images resized to `height x width` (bicubic) when their size differs (the I2I
+    static-shape rule); images already of that size are passed through untouched."""
+    from PIL import Image
+    out = []
+    for srcs in sources:
+        row = []
+        for s in srcs:
+            if s.shape[:2] != (height, width):
+                s = np.asarray(Image.fromarray(s).resize((width, height), Image.BICUBIC))
+            row.append(s)
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- state and steps
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """The trained components' static halves and the mutable train state, in one place.
+
+    `parts` are the trained components ("ar", "dit"); `specs[part]` the `ArSpec` / `DitSpec`; `lr_fns` the
+    learning-rate schedules; `ts` the `TrainState` (trained params, frozen rest, optimizer states, step, RNG);
+    `refs[part]` the reference params for `beta > 0` (a frozen copy, or `adapters_off` under LoRA); `ema[part]`
+    the float32 EMA (absent when off); `lora[part]` the `LoraConfig` of LoRA runs; `forward_params[part]` the
+    parameter count of the trained module's forward (FLOP estimates); `trained_params[part]` what is optimised.
+    """
+
+    parts: tuple[str, ...]
+    specs: dict
+    lr_fns: dict
+    ts: Any
+    refs: dict
+    ema: dict
+    lora: dict
+    forward_params: dict
+    trained_params: dict
+
+
+def _count(tree) -> int:
+    import jax
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def build_train_state(cfg, stack, *, log=print) -> TrainSetup:
+    """Builds the policies of the trained components from `stack` (LoRA adapters added first when enabled), their
+    optimizers, references, EMA and the initial `TrainState`. A trained component's module leaves `stack` (the
+    state owns its buffers and the update steps donate them); use `current_split` to run it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from glm_jax.ema import ema_init
+    from glm_jax.grpo import optim as O
+    from glm_jax.grpo import train_step as T
+    from glm_jax.sampling.ar_sampler import SamplingParams
+
+    parts = tuple(p for p in ("ar", "dit") if cfg.component in (p, "both"))
+    lora_cfg = None
+    if cfg.lora.enabled:
+        from glm_jax.lora import LoraConfig
+        lora_cfg = LoraConfig.from_config(cfg.lora)
+    sampling = SamplingParams(temperature=cfg.ar.temperature, top_k=cfg.ar.top_k or stack.n_codes,
+                              top_p=cfg.ar.top_p)
+    specs, lr_fns, policies, refs, ema, loras, fwd, trained = {}, {}, {}, {}, {}, {}, {}, {}
+    for k, part in enumerate(parts):
+        opt_cfg = O.OptimConfig.from_config(cfg[part], cfg.train.steps)
+        tx = O.make_optimizer(opt_cfg)
+        lr_fns[part] = O.lr_schedule(opt_cfg)
+        module = getattr(stack, part).merge()
+        base_filter = T.ar_trainable if part == "ar" else T.dit_trainable
+        fwd[part] = _count(nnx.state(module, base_filter))
+        trainable = base_filter
+        if lora_cfg is not None:
+            from glm_jax.lora import add_lora, lora_trainable
+            paths = add_lora(module, lora_cfg, rngs=nnx.Rngs(cfg.seed * 1000 + 17 + k))
+            trainable = lora_trainable
+            loras[part] = lora_cfg
+            log(f"lora: {len(paths)} adapted {part} layers (rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, "
+                f"targets {','.join(lora_cfg.targets)})")
+        graphdef, policies[part] = T.init_policy(module, tx, trainable, copy=False)
+        setattr(stack, part, None)            # the policy state now owns these buffers (donated by the updates)
+        trained[part] = _count(policies[part].params)
+        if part == "ar":
+            specs[part] = T.ArSpec(graphdef, tx, T.ArLossConfig(
+                n_codes=stack.n_codes, eos_id=stack.eos_id, sampling=sampling, eps_low=cfg.ar.epsilon,
+                eps_high=cfg.ar.epsilon_high, loss_type=cfg.ar.loss_type, beta=cfg.ar.beta,
+                micro_batch=cfg.train.micro_batch))
+        else:
+            specs[part] = T.DitSpec(graphdef, tx, T.DitLossConfig(
+                clip_range=cfg.dit.clip_range, adv_clip=cfg.reward.adv_clip, beta=cfg.dit.beta,
+                kernel=cfg.dit.kernel, guidance=cfg.dit.guidance, micro_batch=cfg.train.micro_batch))
+        if cfg[part].beta > 0:
+            if lora_cfg is not None:
+                from glm_jax.lora import adapters_off
+                refs[part] = adapters_off(policies[part].params)
+            else:
+                refs[part] = jax.tree.map(jnp.copy, policies[part].params)
+        if cfg.ema.decay > 0:
+            ema[part] = ema_init(policies[part].params)
+        log(f"{part}: {trained[part]:,} trained parameters"
+            + (f" (LoRA on a {fwd[part]:,}-parameter model)" if lora_cfg is not None else ""))
+    ts = T.init_train_state(jax.random.key(cfg.seed), ar=policies.get("ar"), dit=policies.get("dit"))
+    return TrainSetup(parts, specs, lr_fns, ts, refs, ema, loras, fwd, trained)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The jitted update steps of a `TrainSetup` (one place to attach shardings): `update[part](ts, batch)`
+    returns `(ts, metrics of the last inner epoch)`; `ema(setup, step)` advances the EMA in place."""
+
+    update: dict
+
+    def ema(self, setup: TrainSetup, step: int, cfg) -> None:
+        from glm_jax.ema import ema_maybe_update
+        for part in setup.ema:
+            setup.ema[part] = ema_maybe_update(setup.ema[part], getattr(setup.ts, part).params, step,
+                                               decay=cfg.ema.decay, every=cfg.ema.every)
+
+
+def make_steps(setup: TrainSetup, cfg) -> Steps:
+    """The update functions of the trained components (`train_step.*_train_on_rollout`, jitted there with the
+    state donated), bound to their specs, inner epochs and references."""
+    from glm_jax.grpo import train_step as T
+
+    def bind(part):
+        fn = T.ar_train_on_rollout if part == "ar" else T.dit_train_on_rollout
+
+        def update(ts, batch):
+            ts, ms = fn(setup.specs[part], ts, batch, cfg.train.num_iterations, setup.refs.get(part))
+            return ts, ms[-1]
+        return update
+
+    return Steps({part: bind(part) for part in setup.parts})
+
+
+def current_split(setup: TrainSetup, stack, part: str, *, use_ema: bool = False):
+    """`(graphdef, state)` of component `part` as it is now: the policy (EMA params with `use_ema` when the EMA is
+    on) for a trained component, the loaded module otherwise."""
+    from flax import nnx
+
+    from glm_jax.ema import ema_as
+    if part not in setup.parts:
+        return getattr(stack, part)
+    policy = getattr(setup.ts, part)
+    params = policy.params
+    if use_ema and part in setup.ema:
+        params = ema_as(setup.ema[part], params)
+    return setup.specs[part].graphdef, nnx.merge_state(params, policy.frozen)
+
+
+def saved_state(setup: TrainSetup) -> dict:
+    """The checkpointed pytree: step, RNG, each trained component's params and optimizer state, the EMA."""
+    import jax
+    ts = setup.ts
+    out = {"step": ts.step, "rng": jax.random.key_data(ts.rng)}
+    for part in setup.parts:
+        p = getattr(ts, part)
+        out[part] = {"params": p.params, "opt_state": p.opt_state}
+    if setup.ema:
+        out["ema"] = dict(setup.ema)
+    return out
+
+
+def restore_state(setup: TrainSetup, restored: dict) -> None:
+    """Puts a restored `saved_state` tree back into `setup` (in place)."""
+    import jax
+    ts = setup.ts
+    setup.ts = ts._replace(step=restored["step"], rng=jax.random.wrap_key_data(restored["rng"]),
+                           **{k: getattr(ts, k)._replace(params=restored[k]["params"],
+                                                         opt_state=restored[k]["opt_state"])
+                              for k in setup.parts})
+    if setup.ema:
+        setup.ema = dict(restored["ema"])
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+
+
+def dit_update_flops(dit_cfg, *, items: int, n_img: int, n_txt: int, n_ref: int, guidance: float, beta: float,
+                     num_iterations: int) -> float:
+    """Model FLOPs of the DiT updates on one rollout: `items` = samples x trained steps, each one forward (x2 with
+    CFG) at 3x for forward + backward, one more forward with a reference (beta > 0), one more to compute the old
+    log-probs when `num_iterations > 1`."""
+    from glm_jax.models.dit import dit_flops
+    fwd = dit_flops(dit_cfg, n_img, n_txt, n_ref) * (2 if guidance > 1 else 1) * items
+    per_epoch = 3 * fwd + (fwd if beta > 0 else 0)
+    return num_iterations * per_epoch + (fwd if num_iterations > 1 else 0)
+
+
+def ar_update_flops(n_params: int, *, tokens: int, beta: float, num_iterations: int) -> float:
+    """The 6·N·tokens estimate of the AR updates on one rollout (forward + backward; `tokens` = prompt + generated
+    tokens of every sequence), 2·N·tokens more per reference forward (beta > 0) and for the old log-probs
+    (`num_iterations > 1`)."""
+    per_epoch = 6 * n_params * tokens + (2 * n_params * tokens if beta > 0 else 0)
+    return num_iterations * per_epoch + (2 * n_params * tokens if num_iterations > 1 else 0)
+
+
+# ------------------------------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One host batch made ready for the rollouts: prompt texts, padded `ArPrompts` (I2I: source codes inserted),
+    padded glyph conditions, the I2I reference K/V (batch P) and the first source of each prompt (rewards)."""
+
+    prompts: list[str]
+    arp: Any
+    glyph: Any
+    neg: Any
+    ref_kv: Any = None
+    first_sources: list | None = None
+
+
+class BatchMaker:
+    """Turns data batches into `Prepared` batches with the run's static shapes."""
+
+    def __init__(self, cfg, stack, setup: TrainSetup, *, max_len: int, max_glyph: int, n_sources: int, dtype,
+                 image_token_id: int):
+        self.cfg, self.stack, self.setup = cfg, stack, setup
+        self.max_len, self.max_glyph, self.n_sources, self.dtype = max_len, max_glyph, n_sources, dtype
+        self.image_token_id = int(image_token_id)
+
+    def __call__(self, batch, *, negative: bool, times: dict | None = None, use_ema: bool = False) -> Prepared:
+        from glm_jax.grpo import rollout as R
+        from glm_jax.pipeline import ar_prompts_from_batch, glyph_conditions
+        cfg, stack = self.cfg, self.stack
+        H, W = cfg.image.height, cfg.image.width
+        prompts = list(batch.prompts)
+        t0 = time.perf_counter()
+        ref_kv = first = None
+        if self.n_sources:
+            sources = resize_sources(batch.sources, H, W)
+            pb = stack.prompts.build_i2i(prompts, sources, H, W)
+            ar = current_split(self.setup, stack, "ar", use_ema=use_ema)
+            codes = R.source_codes(ar, pb.pixel_values, pb.source_grids_flat)
+            arp = R.insert_source_codes(ar_prompts_from_batch(pb), codes, self.image_token_id)
+            gh, gw = pb.source_grids[0][0]
+            codes_P = codes.reshape(len(prompts), self.n_sources, gh, gw)
+            vae_src = np.stack([np.stack(v) for v in pb.vae_sources])
+            dit = current_split(self.setup, stack, "dit", use_ema=use_ema)
+            ref_kv = R.source_reference_kv(dit, stack.vae, vae_src, codes_P)
+            first = [s[0] for s in sources]
+            if times is not None:
+                times["time/source_encode_s"] = time.perf_counter() - t0 + sync(ref_kv)
+        else:
+            arp = ar_prompts_from_batch(stack.prompts.build_t2i(prompts, H, W))
+        arp = pad_prompts(arp, self.max_len, stack.prompts.pad_id)
+        glyph, neg = glyph_conditions(stack.t5, prompts, negative=negative, dtype=self.dtype)
+        return Prepared(prompts, arp, pad_glyph(glyph, self.max_glyph), neg, ref_kv, first)
+
+
+# ------------------------------------------------------------------------------------------------- eval
+
+
+def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, step: int, monitor, workdir: str,
+             *, log=print) -> dict[str, float]:
+    """Generates the eval prompts with the current policy (EMA params when on; AR sampling + DiT ODE from a
+    fixed seed), scores them against the eval targets with each trained component's reward set, logs
+    `eval/<part>/...` and saves the grid as `workdir/eval/step_<N>.png`. Returns the metrics."""
+    import jax
+    import jax.numpy as jnp
+
+    from glm_jax import data as D
+    from glm_jax.grpo import rollout as R
+    from glm_jax.monitor import image_grid
+    from glm_jax.rewards import RewardContext
+
+    H, W = cfg.image.height, cfg.image.width
+    t0 = time.perf_counter()
+    it = D.eval_iterator(eval_ds, cfg.train.groups_per_step, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    sched = stack.schedule(cfg.log.eval_num_steps, H, W)
+    ar = current_split(setup, stack, "ar", use_ema=True)
+    dit = current_split(setup, stack, "dit", use_ema=True)
+    root = jax.random.fold_in(jax.random.key(cfg.seed), 0x6576616C)       # fixed: every eval draws the same noise
+    images, prompts, targets, sources = [], [], [], []
+    for b, batch in enumerate(it):
+        if cfg.log.eval_batches and b >= cfg.log.eval_batches:
+            break
+        prep = make(batch, negative=cfg.log.eval_guidance > 1, use_ema=True)
+        p = len(prep.prompts)
+        ids = jnp.arange(p, dtype=jnp.int32) + b * p
+        tokens, _ = R.sample_group_tokens(ar, prep.arp, jax.random.fold_in(root, 0), ids, make_sampling(cfg, stack),
+                                          n_codes=stack.n_codes, eos_id=stack.eos_id)
+        imgs = R.render_tokens(dit, stack.vae, tokens, prep.arp.layout, prep.glyph, prep.neg,
+                               jax.random.fold_in(root, 1), ids, sched, height=H, width=W,
+                               guidance=cfg.log.eval_guidance, ref_kv=prep.ref_kv)
+        keep = np.asarray(batch.valid)
+        images.append(np.asarray(imgs)[keep])
+        prompts += [q for q, v in zip(prep.prompts, keep) if v]
+        targets += [t for t, v in zip(batch.targets, keep) if v]
+        if prep.first_sources is not None:
+            sources += [s for s, v in zip(prep.first_sources, keep) if v]
+    metrics: dict[str, float] = {}
+    if not images:
+        return metrics
+    images_np = np.concatenate(images)
+    ctx = RewardContext.make(prompts, targets=targets, sources=sources or None)
+    captions = [""] * len(prompts)
+    for part in setup.parts:
+        res = rewards[part](images_np, ctx)
+        metrics[f"eval/{part}/reward/total_mean"] = float(np.nanmean(res.total))
+        metrics[f"eval/{part}/reward/total_std"] = float(np.nanstd(res.total))
+        for name, v in res.components.items():
+            metrics[f"eval/{part}/reward/{name}/mean"] = float(np.nanmean(v))
+            metrics[f"eval/{part}/reward/{name}/std"] = float(np.nanstd(v))
+        for i, line in enumerate(_captions(res.components, res.total)):
+            captions[i] += f"{part} {line}\n"
+    metrics["time/eval_s"] = time.perf_counter() - t0
+    monitor.scalars(step, metrics)
+    cols = min(len(prompts), cfg.train.groups_per_step)
+    tiles = [np.concatenate([t[None] for t in targets]), images_np]
+    grid = image_grid(np.concatenate(tiles), columns=cols,
+                      captions=[f"target {i}" for i in range(len(prompts))] + [c.strip() for c in captions])
+    path = monitor.eval_image(step, grid)
+    log(f"eval at step {step}: " + ", ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()
+                                              if k.endswith("total_mean")) + (f"; grid {path}" if path else ""))
+    return metrics
+
+
+def make_sampling(cfg, stack):
+    """The AR sampler's policy of the config (top_k 0 = every image code)."""
+    from glm_jax.sampling.ar_sampler import SamplingParams
+    return SamplingParams(temperature=cfg.ar.temperature, top_k=cfg.ar.top_k or stack.n_codes, top_p=cfg.ar.top_p)
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def _first_last(history: list[dict], key: str, n: int = 10) -> tuple[float, float] | None:
+    vals = [h[key] for h in history if key in h and math.isfinite(h[key])]
+    if len(vals) < 2:
+        return None
+    k = min(n, len(vals) // 2)
+    return float(np.mean(vals[:k])), float(np.mean(vals[-k:]))
+
+
 def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) the training of `cfg` in `workdir`; returns `{"step", "history"}` (per-step metrics of
+    this process). `stop_after` saves and stops after that step (as an interruption would)."""
     import jax
     import jax.numpy as jnp
 
     from glm_jax import data as D
     from glm_jax.config import save_config
-    from glm_jax.grpo import optim as O
     from glm_jax.grpo import rollout as R
-    from glm_jax.grpo import train_step as T
     from glm_jax.grpo.advantages import compute_advantages
     from glm_jax.monitor import Monitor, image_grid
-    from glm_jax.pipeline import GlmImageStack, ar_prompts_from_batch, glyph_conditions
+    from glm_jax.pipeline import GlmImageStack
     from glm_jax.rewards import RewardContext, build_reward_sets
-    from glm_jax.sampling.ar_sampler import SamplingParams
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
 
-    _check_supported(cfg)
     os.makedirs(workdir, exist_ok=True)
     save_config(cfg, os.path.join(workdir, "config.json"))
     H, W = cfg.image.height, cfg.image.width
@@ -134,7 +527,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     rewards = build_reward_sets({"ar": cfg.reward.ar.to_dict() if use_ar else {},
                                  "dit": cfg.reward.dit.to_dict() if use_dit else {},
                                  "options": cfg.reward.options.to_dict()})
-    train_ds, _ = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path)
+    train_ds, eval_ds = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path)
+    n_sources = source_count([train_ds, eval_ds], cfg.mode)
     it = D.train_iterator(train_ds, cfg.train.groups_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle,
                           process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.model.ckpt:
@@ -143,50 +537,32 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     else:
         stack = GlmImageStack.tiny(cfg.seed, dtype=dtype, dit_remat=cfg.model.remat)
     stack.prompts.check_target_size(H, W)
-    # static shapes: every batch is padded to the longest prompt / glyph sequence of the dataset
-    all_prompts = [e.prompt for e in train_ds.examples]
-    max_len = int(stack.prompts.build_t2i(all_prompts, H, W).input_ids.shape[1])
+    if n_sources:
+        from glm_jax.prompts import source_agreement
+        why = source_agreement(H, W, stack.prompts.image_config)
+        if why is not None:
+            raise ValueError(f"config.image: I2I sources are resized to the target size {W}x{H} (WxH), which the "
+                             f"model cannot use as a source: {why}")
+    # static shapes: every batch is padded to the longest prompt / glyph sequence of the data (train and eval)
+    all_prompts = [e.prompt for ds in (train_ds, eval_ds) if ds is not None for e in ds.examples]
+    max_len = prompt_length(stack.prompts, all_prompts, H, W, n_sources)
     max_glyph = max(glyph_length(p) for p in all_prompts)
-    log(f"data: {len(train_ds)} training examples from {cfg.data.path}; model: "
-        f"{cfg.model.ckpt or 'embedded tiny GLM-Image'}; component: {cfg.component}")
+    log(f"data: {train_ds.summary()}" + (f"; eval: {len(eval_ds)} examples" if eval_ds is not None else "")
+        + f"; model: {cfg.model.ckpt or 'embedded tiny GLM-Image'}; mode: {cfg.mode}; component: {cfg.component}")
+    dit_cfg = stack.dit.merge().cfg
+    image_token_id = stack.ar.merge().cfg.image_token_id
 
-    sampling = SamplingParams(temperature=cfg.ar.temperature, top_k=cfg.ar.top_k or stack.n_codes,
-                              top_p=cfg.ar.top_p)
-    policies, specs, lr_fns = {}, {}, {}
-    if use_ar:
-        tx = O.make_optimizer(O.OptimConfig.from_config(cfg.ar, cfg.train.steps))
-        lr_fns["ar"] = O.lr_schedule(O.OptimConfig.from_config(cfg.ar, cfg.train.steps))
-        graphdef, policies["ar"] = T.init_policy(stack.ar.merge(), tx, T.ar_trainable)
-        specs["ar"] = T.ArSpec(graphdef, tx, T.ArLossConfig(
-            n_codes=stack.n_codes, eos_id=stack.eos_id, sampling=sampling, eps_low=cfg.ar.epsilon,
-            eps_high=cfg.ar.epsilon_high, loss_type=cfg.ar.loss_type, beta=cfg.ar.beta,
-            micro_batch=cfg.train.micro_batch))
-    if use_dit:
-        tx = O.make_optimizer(O.OptimConfig.from_config(cfg.dit, cfg.train.steps))
-        lr_fns["dit"] = O.lr_schedule(O.OptimConfig.from_config(cfg.dit, cfg.train.steps))
-        graphdef, policies["dit"] = T.init_policy(stack.dit.merge(), tx, T.dit_trainable)
-        specs["dit"] = T.DitSpec(graphdef, tx, T.DitLossConfig(
-            clip_range=cfg.dit.clip_range, adv_clip=cfg.reward.adv_clip, beta=cfg.dit.beta, kernel=cfg.dit.kernel,
-            guidance=cfg.dit.guidance, micro_batch=cfg.train.micro_batch))
-    ts = T.init_train_state(jax.random.key(cfg.seed), ar=policies.get("ar"), dit=policies.get("dit"))
-    refs = {k: jax.tree.map(jnp.copy, p.params) for k, p in policies.items() if cfg[k].beta > 0}
+    setup = build_train_state(cfg, stack, log=log)
+    steps = make_steps(setup, cfg)
+    make = BatchMaker(cfg, stack, setup, max_len=max_len, max_glyph=max_glyph, n_sources=n_sources, dtype=dtype,
+                      image_token_id=image_token_id)
 
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
                              keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-
-    def saved(ts):
-        out = {"step": ts.step, "rng": jax.random.key_data(ts.rng)}
-        for k in policies:
-            p = getattr(ts, k)
-            out[k] = {"params": p.params, "opt_state": p.opt_state}
-        return out
-
     start = 0
     if ckpt.latest_step() is not None:
-        step, restored, meta = ckpt.restore(saved(ts))
-        ts = ts._replace(step=restored["step"], rng=jax.random.wrap_key_data(restored["rng"]),
-                         **{k: getattr(ts, k)._replace(params=restored[k]["params"],
-                                                       opt_state=restored[k]["opt_state"]) for k in policies})
+        step, restored, meta = ckpt.restore(saved_state(setup))
+        restore_state(setup, restored)
         it.restore(meta["data"])
         start = step
         log(f"resumed from {ckpt.directory} at step {step}")
@@ -195,6 +571,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     stop = StopSignal()
     render_sched = stack.schedule(cfg.ar.decode_steps, H, W)
     dit_sched = stack.schedule(cfg.dit.num_steps, H, W)
+    sampling = make_sampling(cfg, stack)
     ar_rcfg = R.ArRolloutConfig(group_size=cfg.ar.group_size, sampling=sampling, decode_steps=cfg.ar.decode_steps,
                                 decode_guidance=cfg.ar.decode_guidance, same_latent=True)
     dit_rcfg = R.DitRolloutConfig(group_size=cfg.dit.group_size, num_steps=cfg.dit.num_steps,
@@ -202,35 +579,46 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                   sde_window=cfg.dit.sde_window, timestep_fraction=cfg.dit.timestep_fraction,
                                   guidance=cfg.dit.guidance)
     guidance_needed = (use_ar and cfg.ar.decode_guidance > 1) or (use_dit and cfg.dit.guidance > 1)
+    n_img = (H // 16) * (W // 16)
     history: list[dict] = []
     step = start
+
+    def run_eval(step):
+        if eval_ds is not None:
+            m = evaluate(cfg, stack, setup, make, eval_ds, rewards, step, monitor, workdir, log=log)
+            if history:
+                history[-1].update(m)
+
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t_iter = time.perf_counter()
             times: dict[str, float] = {}
             batch = next(it)
-            prompts = list(batch.prompts)
-            pb = stack.prompts.build_t2i(prompts, H, W)
-            arp = pad_prompts(ar_prompts_from_batch(pb), max_len, stack.prompts.pad_id)
-            glyph, neg = glyph_conditions(stack.t5, prompts, negative=guidance_needed, dtype=dtype)
-            glyph = pad_glyph(glyph, max_glyph)
+            prep = make(batch, negative=guidance_needed, times=times)
+            prompts = prep.prompts
             key = jax.random.fold_in(jax.random.key(cfg.seed), step)
             metrics: dict[str, float] = {}
 
-            def score(part, images, group_ids, g, prompts=prompts, batch=batch, times=times, metrics=metrics,
-                      step=step):
-                """Rewards of one rollout (each prompt's target repeated over its group) -> advantages; logs the
-                reward / advantage metrics and, every `log.images_every` steps, the group grid."""
+            def score(part, images, group_ids, g, prompts=prompts, batch=batch, prep=prep, times=times,
+                      metrics=metrics, step=step):
+                """Rewards of one rollout (each prompt's target / first source repeated over its group) ->
+                advantages; logs the reward / advantage metrics and, every `log.images_every` steps, the grid."""
                 t0 = time.perf_counter()
+                srcs = None if prep.first_sources is None else [s for s in prep.first_sources for _ in range(g)]
                 ctx = RewardContext.make([p for p in prompts for _ in range(g)],
-                                         targets=[t for t in batch.targets for _ in range(g)])
+                                         targets=[t for t in batch.targets for _ in range(g)], sources=srcs)
                 res = rewards[part](images, ctx)
                 times[f"time/{part}_rewards_s"] = time.perf_counter() - t0
                 adv = compute_advantages(res.components, np.asarray(group_ids), reward_weights=rewards[part].weights,
                                          scale_rewards=cfg.reward.scale_rewards, aggregation=cfg.reward.aggregate,
                                          clip=cfg.reward.adv_clip)
+                a = np.asarray(adv.advantages, np.float64)
                 metrics.update({f"{part}/adv/{k}": float(v) for k, v in adv.metrics.items()})
+                metrics.update({f"{part}/adv/mean": float(a.mean()), f"{part}/adv/std": float(a.std()),
+                                f"{part}/adv/abs_max": float(np.abs(a).max())})
                 metrics.update({f"{part}/reward/{k}": v for k, v in res.metrics.items()})
+                for name, v in res.components.items():
+                    metrics[f"{part}/reward/{name}/std"] = float(np.nanstd(v))
                 metrics[f"{part}/reward/total_mean"] = float(np.nanmean(res.total))
                 metrics[f"{part}/reward/total_std"] = float(np.nanstd(res.total))
                 if cfg.log.images_every and step % cfg.log.images_every == 0:
@@ -238,77 +626,94 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                   image_grid(images, columns=g, captions=_captions(res.components, res.total)))
                 return adv
 
-            def record(part, m, metrics=metrics):
+            def record(part, m, seconds, flops, metrics=metrics):
                 metrics.update({f"{part}/{k}": float(v) for k, v in m.items()})
+                metrics[f"{part}/update_tflop"] = flops / 1e12
+                metrics[f"{part}/tflops_per_s"] = flops / 1e12 / max(seconds, 1e-9)
 
             tokens_for_dit = None
-            dit_split = ((specs["dit"].graphdef, T.policy_split(specs["dit"].graphdef, ts.dit)[1]) if use_dit
-                         else stack.dit)
             if use_ar:
-                t0 = time.perf_counter()
                 g = cfg.ar.group_size
-                ar_split = (specs["ar"].graphdef, T.policy_split(specs["ar"].graphdef, ts.ar)[1])
-                roll = R.ar_group_rollout(ar_split, dit_split, stack.vae, arp, glyph, neg, jax.random.fold_in(key, 0),
+                roll = R.ar_group_rollout(current_split(setup, stack, "ar"), current_split(setup, stack, "dit"),
+                                          stack.vae, prep.arp, prep.glyph, prep.neg, jax.random.fold_in(key, 0),
                                           ar_rcfg, render_sched, n_codes=stack.n_codes, eos_id=stack.eos_id,
                                           height=H, width=W, first_sample_id=step * 1_000_000,
-                                          first_group_id=step * 10_000)
+                                          first_group_id=step * 10_000, ref_kv=prep.ref_kv, timings=times)
                 images = np.asarray(roll.images)
-                times["time/ar_rollout_s"] = time.perf_counter() - t0
                 adv = score("ar", images, roll.group_ids, g)
                 t0 = time.perf_counter()
-                ts, m = T.ar_train_on_rollout(specs["ar"], ts, R.ar_batch(roll, adv.advantages, adv.weights),
-                                              cfg.train.num_iterations, refs.get("ar"))
-                times["time/ar_update_s"] = time.perf_counter() - t0 + sync(m)
-                record("ar", m[-1])
+                setup.ts, m = steps.update["ar"](setup.ts, R.ar_batch(roll, adv.advantages, adv.weights))
+                dt = time.perf_counter() - t0 + sync(m)
+                times["time/ar_update_s"] = dt
+                n_tok = roll.prompts.input_ids.shape[0] * (roll.prompts.input_ids.shape[1] + roll.tokens.shape[1])
+                record("ar", m, dt, ar_update_flops(setup.forward_params["ar"], tokens=n_tok, beta=cfg.ar.beta,
+                                                    num_iterations=cfg.train.num_iterations))
                 tokens_for_dit = R.first_of_groups(roll.tokens, g)
             if use_dit:
                 if tokens_for_dit is None:
                     t0 = time.perf_counter()
-                    tokens_for_dit, _ = R.sample_group_tokens(stack.ar, arp, jax.random.fold_in(key, 1),
-                                                              jnp.arange(len(prompts)) + step * 1_000_000,
-                                                              sampling, n_codes=stack.n_codes, eos_id=stack.eos_id)
-                    times["time/ar_rollout_s"] = time.perf_counter() - t0 + sync(tokens_for_dit)
-                t0 = time.perf_counter()
+                    tokens_for_dit, _ = R.sample_group_tokens(
+                        current_split(setup, stack, "ar"), prep.arp, jax.random.fold_in(key, 1),
+                        jnp.arange(len(prompts)) + step * 1_000_000, sampling, n_codes=stack.n_codes,
+                        eos_id=stack.eos_id)
+                    times["time/ar_sample_s"] = time.perf_counter() - t0 + sync(tokens_for_dit)
                 g = cfg.dit.group_size
-                # the AR update donated `ts`, so the DiT's current params are taken from the new state
-                dit_split = (specs["dit"].graphdef, T.policy_split(specs["dit"].graphdef, ts.dit)[1])
-                droll = R.dit_group_rollout(dit_split, stack.vae, tokens_for_dit, arp.layout, glyph, neg,
-                                            jax.random.fold_in(key, 2), dit_rcfg, dit_sched, height=H, width=W,
-                                            first_sample_id=step * 1_000_000, first_group_id=step * 10_000)
+                # the AR update donated the old state, so the DiT's current params are taken from the new one
+                droll = R.dit_group_rollout(current_split(setup, stack, "dit"), stack.vae, tokens_for_dit,
+                                            prep.arp.layout, prep.glyph, prep.neg, jax.random.fold_in(key, 2),
+                                            dit_rcfg, dit_sched, height=H, width=W,
+                                            first_sample_id=step * 1_000_000, first_group_id=step * 10_000,
+                                            ref_kv=prep.ref_kv, timings=times)
                 images = np.asarray(droll.images)
-                times["time/dit_rollout_s"] = time.perf_counter() - t0
                 adv = score("dit", images, droll.group_ids, g)
                 t0 = time.perf_counter()
-                ts, m = T.dit_train_on_rollout(specs["dit"], ts, R.dit_batch(droll, adv.advantages, adv.weights),
-                                               cfg.train.num_iterations, refs.get("dit"))
-                times["time/dit_update_s"] = time.perf_counter() - t0 + sync(m)
-                record("dit", m[-1])
+                setup.ts, m = steps.update["dit"](setup.ts, R.dit_batch(droll, adv.advantages, adv.weights))
+                dt = time.perf_counter() - t0 + sync(m)
+                times["time/dit_update_s"] = dt
+                n_ref = n_sources * n_img
+                record("dit", m, dt, dit_update_flops(
+                    dit_cfg, items=int(np.prod(droll.steps.shape)), n_img=n_img, n_txt=int(prep.glyph.shape[1]),
+                    n_ref=n_ref, guidance=cfg.dit.guidance, beta=cfg.dit.beta,
+                    num_iterations=cfg.train.num_iterations))
+            steps.ema(setup, step, cfg)
             dt = time.perf_counter() - t_iter
             n_images = len(prompts) * ((cfg.ar.group_size if use_ar else 0) + (cfg.dit.group_size if use_dit else 0))
             metrics.update(times)
-            metrics.update({f"{k}/learning_rate": float(fn(step - 1)) for k, fn in lr_fns.items()})
+            metrics.update({f"{k}/learning_rate": float(fn(step - 1)) for k, fn in setup.lr_fns.items()})
             metrics["time/iteration_s"] = dt
             metrics["throughput/images_per_s"] = n_images / dt
             history.append(metrics)
             if cfg.log.every and step % cfg.log.every == 0:
                 monitor.scalars(step, metrics)
                 monitor.summary(step, metrics, [k for k in ("ar/reward/total_mean", "dit/reward/total_mean",
-                                                            "ar/loss", "dit/loss") if k in metrics])
+                                                            "ar/loss", "dit/loss", "ar/kl_loss", "dit/kl_loss",
+                                                            "throughput/images_per_s") if k in metrics])
             monitor.advance(step)
-            if ckpt.should_save(step) or step == cfg.train.steps or stop.requested:
-                ckpt.save(step, saved(ts), {"data": it.state(), "time": time.time()}, force=True)
+            last = step == cfg.train.steps
+            if ckpt.should_save(step) or last or stop.requested:
+                ckpt.save(step, saved_state(setup), {"data": it.state(), "time": time.time()}, force=True)
             if stop.requested:
                 log(f"{stop.signal_name}: saved step {step}; exiting")
                 break
             if stop_after is not None and step >= stop_after:
-                ckpt.save(step, saved(ts), {"data": it.state(), "time": time.time()}, force=True)
+                ckpt.save(step, saved_state(setup), {"data": it.state(), "time": time.time()}, force=True)
                 break
+            if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or last:
+                run_eval(step)
     finally:
         ckpt.close()
         monitor.close()
         stop.restore_handlers()
+    for part in ("ar", "dit"):
+        fl = _first_last(history, f"{part}/reward/total_mean")
+        if fl is not None:
+            k = min(10, len(history) // 2)
+            log(f"{part} reward (mean over a step's samples): first {k} steps {fl[0]:.4f} -> last {k} steps "
+                f"{fl[1]:.4f} ({fl[1] - fl[0]:+.4f})")
     log(f"checkpoints: {ckpt.directory}\ntensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}"
-        f"\nimage grids: {os.path.join(workdir, 'images')}")
+        f"\nimage grids: {os.path.join(workdir, 'images')}"
+        + (f"\neval grids: {os.path.join(workdir, 'eval')}" if eval_ds is not None else "")
+        + f"\nexport: python -m glm_jax.export --workdir {workdir} --out <dir>")
     return {"step": step, "history": history}
 
 

@@ -11,6 +11,14 @@
   the first `floor(N f)` steps (`timestep_fraction` f > 0; at most N - 1, the last step stays ODE), or a window of
   W steps starting at `w ~ U{0 .. N//2 - W}` drawn from the rollout key, ODE elsewhere. Stores `x_k`,
   `x_{k+1}`, k and `lp_k` of every SDE step. Guidance off by default (`guidance=1`).
+* **I2I** (image editing): the prompt rows carry the sources' VQ codes in place of their `<|image|>` placeholders
+  (`source_codes` + `insert_source_codes`; the vision tower is frozen), and the DiT reads the sources' reference
+  K/V (`source_reference_kv`, batch P, computed once per prompt and step and repeated over its group with
+  `repeat_rows`) in the AR render, the SDE rollout and, through the stored `cond`, the update. The update treats
+  the reference K/V as fixed inputs computed with the rollout's DiT params (no gradient flows through the
+  reference pass).
+* **Timings**: pass a dict as `timings` to get each phase's wall time (token sampling, DiT ODE / SDE, VAE
+  decode); every phase is then waited for, so the numbers are honest.
 
 Keys: `key` is split by purpose with `fold_in` (tokens 0, x_T 1, SDE noise 2, window 3); sample and group ids are
 global (`first_sample_id`, `first_group_id` offset them per host / per iteration), so no two members anywhere
@@ -19,12 +27,14 @@ share noise unless asked to.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from glm_jax.pipeline import (
@@ -34,6 +44,7 @@ from glm_jax.pipeline import (
     latent_ids,
     prior_ids,
     sched_arrays,
+    upsample_grid,
 )
 from glm_jax.sampling import flow
 from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_keys, sample_tokens
@@ -97,36 +108,70 @@ def sample_group_tokens(ar, prompts: ArPrompts, key: jax.Array, sample_ids: jax.
                           eos_id=int(eos_id))
 
 
-@partial(jax.jit, static_argnames=("dit_graphdef", "vae_graphdef", "guidance", "layout", "height", "width"))
-def _render_jit(dit_graphdef, dit_state, vae_graphdef, vae_state, tokens, glyph, neg, root, ids, sched, *,
-                guidance, layout, height, width):
-    dit, vae = _merge(dit_graphdef, dit_state), _merge(vae_graphdef, vae_state)
+@partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "layout", "height", "width"))
+def _render_jit(dit_graphdef, dit_state, tokens, glyph, neg, root, ids, sched, ref_kv, *, guidance, layout, height,
+                width):
+    dit = _merge(dit_graphdef, dit_state)
     cond = flow.make_cond(glyph, prior_ids(tokens, layout), height, width,
-                          neg_glyph_BTD=neg if guidance > 1 else None)
+                          neg_glyph_BTD=neg if guidance > 1 else None, ref_kv=ref_kv)
     x_T = initial_noise(root, ids, height, width)
-    latents = flow.ode_sample(dit, x_T, cond, as_schedule(sched), guidance=guidance)
-    return flow.decode_images(vae, latents)
+    return flow.ode_sample(dit, x_T, cond, as_schedule(sched), guidance=guidance)
+
+
+@partial(jax.jit, static_argnames=("vae_graphdef",))
+def _decode_jit(vae_graphdef, vae_state, latents):
+    return flow.decode_images(_merge(vae_graphdef, vae_state), latents)
+
+
+def decode_latents(vae, latents: jax.Array) -> jax.Array:
+    """uint8 images `[B, H, W, 3]` of final latents by the VAE (`vae` a `(graphdef, state)` pair; one jit)."""
+    return _decode_jit(vae[0], vae[1], latents)
+
+
+class _Timer:
+    """Adds the wall time of each phase to `timings[name]` (after blocking on its result); no-op without a dict."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str, result):
+        if self.timings is not None:
+            jax.block_until_ready(result)
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+            self.t = now
+        return result
 
 
 def render_tokens(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.Array, neg_glyph: jax.Array | None,
                   root: jax.Array, latent_keys: jax.Array, sched: FlowSchedule, *, height: int, width: int,
-                  guidance: float) -> jax.Array:
-    """uint8 images of AR tokens by the DiT ODE (one jit: prior ids, x_T, ODE, VAE). x_T of row b is
-    `normal(fold_in(root, latent_keys[b]))`."""
-    return _render_jit(dit[0], dit[1], vae[0], vae[1], jnp.asarray(tokens), glyph, neg_glyph, root,
-                       jnp.asarray(latent_keys, jnp.int32), sched_arrays(sched), guidance=float(guidance),
-                       layout=layout, height=int(height), width=int(width))
+                  guidance: float, ref_kv: Any = None, timings: dict | None = None) -> jax.Array:
+    """uint8 images of AR tokens by the DiT ODE (prior ids, x_T, ODE in one jit; the VAE in another). x_T of row b
+    is `normal(fold_in(root, latent_keys[b]))`. `ref_kv` (I2I): the sources' reference K/V with the batch of
+    `tokens` (`repeat_rows`). `timings` (a dict) gets the seconds of the ODE (`time/render_s`) and the VAE
+    (`time/decode_s`) added."""
+    timer = _Timer(timings)
+    latents = timer("time/render_s", _render_jit(
+        dit[0], dit[1], jnp.asarray(tokens), glyph, neg_glyph, root, jnp.asarray(latent_keys, jnp.int32),
+        sched_arrays(sched), ref_kv, guidance=float(guidance), layout=layout, height=int(height),
+        width=int(width)))
+    return timer("time/decode_s", decode_latents(vae, latents))
 
 
 def ar_group_rollout(ar, dit, vae, prompts: ArPrompts, glyph: jax.Array, neg_glyph: jax.Array | None,
                      key: jax.Array, cfg: ArRolloutConfig, sched: FlowSchedule, *, n_codes: int, eos_id: int,
-                     height: int, width: int, first_sample_id: int = 0, first_group_id: int = 0
-                     ) -> ArGroupRollout:
+                     height: int, width: int, first_sample_id: int = 0, first_group_id: int = 0,
+                     ref_kv: Any = None, timings: dict | None = None) -> ArGroupRollout:
     """P prompts (one row each in `prompts`, `glyph [P, T, D]`, `neg_glyph [P, 1, D]`) x G samples.
 
     `ar`, `dit`, `vae` are `(graphdef, state)` pairs (the policy being trained passes its current params).
-    `sched` is the render schedule (`stack.schedule(cfg.decode_steps, H, W)`).
+    `sched` is the render schedule (`stack.schedule(cfg.decode_steps, H, W)`). I2I: `prompts` carry the sources'
+    codes (`insert_source_codes`) and `ref_kv` is their reference K/V with batch P (`source_reference_kv`),
+    repeated over each group for the render. `timings` (a dict) gets `time/ar_sample_s`, `time/render_s` and
+    `time/decode_s` added (each phase is then waited for).
     """
+    timer = _Timer(timings)
     g = int(cfg.group_size)
     p = prompts.input_ids.shape[0]
     rep = prompts.repeat(g)
@@ -134,11 +179,12 @@ def ar_group_rollout(ar, dit, vae, prompts: ArPrompts, glyph: jax.Array, neg_gly
     group_ids = first_group_id + jnp.repeat(jnp.arange(p, dtype=jnp.int32), g)
     tokens, lps = sample_group_tokens(ar, rep, jax.random.fold_in(key, KEY_TOKENS), sample_ids, cfg.sampling,
                                       n_codes=n_codes, eos_id=eos_id)
+    timer("time/ar_sample_s", tokens)
     glyph_b = jnp.repeat(glyph, g, axis=0)
     neg_b = None if neg_glyph is None else jnp.repeat(neg_glyph, g, axis=0)
     images = render_tokens(dit, vae, tokens, prompts.layout, glyph_b, neg_b, jax.random.fold_in(key, KEY_LATENT),
                            latent_ids(sample_ids, group_ids, cfg.same_latent), sched, height=height, width=width,
-                           guidance=cfg.decode_guidance)
+                           guidance=cfg.decode_guidance, ref_kv=repeat_rows(ref_kv, g), timings=timings)
     mask = jnp.broadcast_to(jnp.asarray(prompts.layout.loss_mask()), tokens.shape)
     return ArGroupRollout(rep, tokens, lps, mask, images, group_ids, sample_ids, glyph_b, neg_b)
 
@@ -201,23 +247,26 @@ class DitGroupRollout(NamedTuple):
     noise_level: jax.Array
 
 
-@partial(jax.jit, static_argnames=("dit_graphdef", "vae_graphdef", "guidance", "kernel", "num_sde"))
-def _sde_jit(dit_graphdef, dit_state, vae_graphdef, vae_state, x_T, cond, sched, noise_root, sample_ids,
-             noise_level, mask, *, guidance, kernel, num_sde):
-    dit, vae = _merge(dit_graphdef, dit_state), _merge(vae_graphdef, vae_state)
-    out = flow.sde_sample(dit, x_T, cond, as_schedule(sched), noise_root, sample_ids, guidance=guidance,
-                          noise_level=noise_level, kernel=kernel, sde_mask=mask, num_sde_steps=num_sde)
-    return out, flow.decode_images(vae, out.latents)
+@partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "kernel", "num_sde"))
+def _sde_jit(dit_graphdef, dit_state, x_T, cond, sched, noise_root, sample_ids, noise_level, mask, *, guidance,
+             kernel, num_sde):
+    dit = _merge(dit_graphdef, dit_state)
+    return flow.sde_sample(dit, x_T, cond, as_schedule(sched), noise_root, sample_ids, guidance=guidance,
+                           noise_level=noise_level, kernel=kernel, sde_mask=mask, num_sde_steps=num_sde)
 
 
 def dit_group_rollout(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.Array,
                       neg_glyph: jax.Array | None, key: jax.Array, cfg: DitRolloutConfig, sched: FlowSchedule, *,
-                      height: int, width: int, first_sample_id: int = 0, first_group_id: int = 0
-                      ) -> DitGroupRollout:
+                      height: int, width: int, first_sample_id: int = 0, first_group_id: int = 0,
+                      ref_kv: Any = None, timings: dict | None = None) -> DitGroupRollout:
     """P AR samples (`tokens [P, N]`, `glyph [P, T, D]`) x G SDE trajectories each (group p = AR sample p).
 
     `sched` is the N-step schedule (`stack.schedule(cfg.num_steps, H, W)`); `dit`, `vae` `(graphdef, state)`.
+    I2I: `ref_kv` is the sources' reference K/V with batch P (`source_reference_kv`), repeated over each group
+    and stored in the rollout's `cond`, so the update replays the same conditioning. `timings` (a dict) gets
+    `time/dit_sde_s` and `time/decode_s` added.
     """
+    timer = _Timer(timings)
     g = int(cfg.group_size)
     p = tokens.shape[0]
     if len(sched.timesteps) != cfg.num_steps:
@@ -227,18 +276,70 @@ def dit_group_rollout(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.
     prior = jnp.repeat(prior_ids(tokens, layout), g, axis=0)
     glyph_b = jnp.repeat(glyph, g, axis=0)
     neg_b = None if (neg_glyph is None or cfg.guidance <= 1) else jnp.repeat(neg_glyph, g, axis=0)
-    cond = flow.make_cond(glyph_b, prior, height, width, neg_glyph_BTD=neg_b)
+    cond = flow.make_cond(glyph_b, prior, height, width, neg_glyph_BTD=neg_b, ref_kv=repeat_rows(ref_kv, g))
     x_T = initial_noise(jax.random.fold_in(key, KEY_LATENT), latent_ids(sample_ids, group_ids, cfg.same_latent),
                         height, width)
     mask = sde_step_mask(cfg, jax.random.fold_in(key, KEY_WINDOW))
     arrays = sched_arrays(sched)
     level = jnp.asarray(cfg.noise_level, jnp.float32)
-    out, images = _sde_jit(dit[0], dit[1], vae[0], vae[1], x_T, cond, arrays, jax.random.fold_in(key, KEY_NOISE),
-                           sample_ids, level, mask, guidance=float(cfg.guidance), kernel=cfg.kernel,
-                           num_sde=cfg.num_sde_steps)
+    out = timer("time/dit_sde_s", _sde_jit(dit[0], dit[1], x_T, cond, arrays, jax.random.fold_in(key, KEY_NOISE),
+                                           sample_ids, level, mask, guidance=float(cfg.guidance),
+                                           kernel=cfg.kernel, num_sde=cfg.num_sde_steps))
+    images = timer("time/decode_s", decode_latents(vae, out.latents))
     steps = jnp.broadcast_to(out.steps[None], (p * g, out.steps.shape[0]))
     return DitGroupRollout(out.x, out.x_next, steps, out.logprob, out.latents, images, group_ids, sample_ids,
                            cond, arrays, level)
+
+
+# ------------------------------------------------------------------------------------------- I2I sources
+
+
+@partial(jax.jit, static_argnames=("ar_graphdef", "grids"))
+def _codes_jit(ar_graphdef, ar_state, pixel_values, *, grids):
+    return _merge(ar_graphdef, ar_state).image_tokens(pixel_values, grids)
+
+
+def source_codes(ar, pixel_values: Any, grids: tuple[tuple[int, int], ...]) -> jax.Array:
+    """VQ codes `[N]` (int32) of source images given as AR patch rows (`PromptBatch.pixel_values` /
+    `source_grids_flat`); `ar` is a `(graphdef, state)` pair with the vision tower (never trained)."""
+    grids = tuple((int(h), int(w)) for h, w in grids)
+    return _codes_jit(ar[0], ar[1], jnp.asarray(pixel_values, jnp.float32), grids=grids)
+
+
+def insert_source_codes(prompts: ArPrompts, codes: jax.Array, image_token_id: int) -> ArPrompts:
+    """`prompts` with every `<|image|>` placeholder replaced by the sources' codes, in order (the I2I prompt the
+    AR samples from and is scored on)."""
+    from glm_jax.models.ar import scatter_image_codes
+    ids = scatter_image_codes(jnp.asarray(prompts.input_ids), jnp.asarray(codes), int(image_token_id))
+    return prompts._replace(input_ids=np.asarray(ids, np.int32))
+
+
+@partial(jax.jit, static_argnames=("dit_graphdef", "vae_graphdef"))
+def _source_kv_jit(dit_graphdef, dit_state, vae_graphdef, vae_state, vae_sources, codes):
+    dit, vae = _merge(dit_graphdef, dit_state), _merge(vae_graphdef, vae_state)
+    latents, ids, sizes = [], [], []
+    for k in range(vae_sources.shape[1]):
+        z = vae.normalize(vae.encode_mean(vae_sources[:, k].astype(vae.dtype)))
+        latents.append(z)
+        ids.append(upsample_grid(codes[:, k]))
+        sizes.append((z.shape[1] * 8, z.shape[2] * 8))
+    return flow.reference_kv(dit, latents, ids, sizes)
+
+
+def source_reference_kv(dit, vae, vae_sources: Any, codes: Any) -> Any:
+    """The I2I reference K/V of P prompts' sources, batch P: `vae_sources [P, S, h, w, 3]` in [-1, 1]
+    (`PromptBatch.vae_sources`, S sources per prompt of one size) are VAE-encoded (normalised posterior mean) and
+    run through the DiT in mode "write" with their x2-upsampled codes `[P, S, gh, gw]` (`flow.reference_kv`;
+    several sources are concatenated along the sequence). Computed once per prompt and shared by its group."""
+    return _source_kv_jit(dit[0], dit[1], vae[0], vae[1], jnp.asarray(vae_sources, jnp.float32),
+                          jnp.asarray(codes, jnp.int32))
+
+
+def repeat_rows(tree: Any, g: int) -> Any:
+    """Every array of `tree` repeated `g` times along axis 0 (row p -> rows p*g .. p*g+g-1); None stays None."""
+    if tree is None or int(g) == 1:
+        return tree
+    return jax.tree.map(lambda x: jnp.repeat(x, int(g), axis=0), tree)
 
 
 # -------------------------------------------------------------------------------------------- to batches
@@ -269,5 +370,6 @@ def first_of_groups(x: jax.Array, group_size: int) -> jax.Array:
 
 
 __all__ = ["ArGroupRollout", "ArRolloutConfig", "DitGroupRollout", "DitRolloutConfig", "ar_batch",
-           "ar_group_rollout", "dit_batch", "dit_group_rollout", "first_of_groups", "render_tokens",
-           "sample_group_tokens", "sde_step_mask"]
+           "ar_group_rollout", "decode_latents", "dit_batch", "dit_group_rollout", "first_of_groups",
+           "insert_source_codes", "render_tokens", "repeat_rows", "sample_group_tokens", "sde_step_mask",
+           "source_codes", "source_reference_kv"]
