@@ -248,6 +248,15 @@ def dit_batch(seed: int):
                       jnp.asarray(0.7, jnp.float32))
 
 
+def _score(state, graphdef, batch, sampling):
+    s = score_tokens(nnx.merge(graphdef, state), batch.input_ids, batch.attention_mask, batch.position_ids,
+                     batch.decode_positions, batch.tokens, sampling, n_codes=N_CODES, eos_id=EOS_ID)
+    return s.logprobs
+
+
+_score = jax.jit(_score, static_argnums=(1, 3))
+
+
 def assert_opt_state_adapter_sized(policy):
     shapes = {x.shape for x in jax.tree.leaves(policy.params)}
     n_params = sum(x.size for x in jax.tree.leaves(policy.params))
@@ -298,13 +307,12 @@ def test_grpo_step_trains_only_adapters_with_base_reference(kind):
     pol_model = nnx.merge(graphdef, new.params, new.frozen)
     if kind == "ar":
         def lp(m):
-            s = score_tokens(m, batch.input_ids, batch.attention_mask, batch.position_ids, batch.decode_positions,
-                             batch.tokens, sampling, n_codes=N_CODES, eos_id=EOS_ID)
-            return np.asarray(s.logprobs)
+            gd, state = nnx.split(m)
+            return np.asarray(_score(state, gd, batch, sampling))
         got_ref, got_base, got_pol = lp(ref_model), lp(base), lp(pol_model)
     else:
         x = make_dit_inputs(3, 2, 4, 6, 2)
-        got_ref, got_base, got_pol = (np.asarray(m(*x)[0]) for m in (ref_model, base, pol_model))
+        got_ref, got_base, got_pol = (dit_forward(m, x) for m in (ref_model, base, pol_model))
     np.testing.assert_array_equal(got_ref, got_base)          # bitwise: zero B adds exact zeros
     assert np.abs(got_pol - got_base).max() > 1e-4
 
