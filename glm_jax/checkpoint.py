@@ -130,7 +130,7 @@ def stored_metadata(params_dir: str) -> dict[str, Any]:
 def checkpoint_lora(ckpt: str, slot: str, stored_meta: Mapping[str, Any] | None = None):
     """The `glm_jax.lora.LoraConfig` of the adapters stored with `slot`, or None when it has none.
 
-    Checks that adapter keys and the manifest entry `lora.<slot>` come together and fit their kernels."""
+    Checks that adapter keys have the manifest entry `lora.<slot>` and fit their kernels."""
     from glm_jax.lora import read_checkpoint_lora
     params_dir = os.path.join(ckpt, slot, "params")
     if stored_meta is None:

@@ -244,16 +244,14 @@ def merge_flat(flat: Mapping[str, np.ndarray], rank: int, alpha: float) -> dict[
 def read_checkpoint_lora(manifest: Mapping, slot: str, shapes: Mapping[str, tuple[int, ...]],
                          where: str) -> LoraConfig | None:
     """The `LoraConfig` of a checkpoint component from its manifest and its flat parameter `shapes` (None without
-    adapters). Adapter keys need the manifest entry `lora.<slot>` and vice versa; a ValueError names the key."""
+    adapters). Adapter keys need the manifest entry `lora.<slot>` (a ValueError names the key); an entry without
+    adapter keys means a plain component."""
     keys = sorted(k for k in shapes if is_adapter_key(k))
     entry = (manifest.get("lora") or {}).get(slot)
     if keys and entry is None:
         raise ValueError(f"{where}: LoRA adapter key {keys[0]!r} but glm_jax.json has no \"lora\" entry for "
                          f"{slot!r}")
-    if entry is not None and not keys:
-        raise ValueError(f"{where}: glm_jax.json has a \"lora\" entry for {slot!r} but the parameters hold no "
-                         f"adapter keys (*{A_SUFFIX} / *{B_SUFFIX})")
-    if not keys:
+    if not keys:   # an entry without adapter keys (nothing was adapted) is a plain component
         return None
     cfg = LoraConfig.from_manifest(entry, f"glm_jax.json lora.{slot}")
     check_adapter_shapes(shapes, cfg.rank, where)
