@@ -80,6 +80,23 @@ def module_from_torch(torch_model, rules, build: Callable[[], nnx.Module], ignor
     return nnx.merge(graphdef, nnx.from_flat_state(pairs))
 
 
+def random_module(build: Callable[[], nnx.Module], seed: int = 0, scale: float = 0.02) -> nnx.Module:
+    """A module with random parameters, filled one array at a time on the device (no compile of a whole-model
+    initialiser, which takes minutes at 10B parameters): norm weights 1, everything else N(0, scale²)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    pairs = list(nnx.to_flat_state(state))
+    key = jax.random.key(seed)
+    normal = jax.jit(jax.random.normal, static_argnums=(1, 2))
+    for i, (path, var) in enumerate(pairs):
+        want = var.get_value()
+        if want.ndim == 1:
+            fill = jnp.ones if str(path[-1]) == "weight" else jnp.zeros
+            var.set_value(fill(want.shape, want.dtype))
+        else:
+            var.set_value(normal(jax.random.fold_in(key, i), want.shape, want.dtype) * jnp.asarray(scale, want.dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(pairs))
+
+
 def device_info() -> dict:
     info = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
     try:

@@ -254,3 +254,30 @@ def test_left_padded_batch_equals_each_sample_alone(cfg, text_only, fns, batch):
                         jnp.int32(len(seq)))
         assert rel_err(np.asarray(last)[0], ref[i, -k - 1]) < TOL
         assert rel_err(np.asarray(nxt)[0], ref[i, -k]) < TOL
+
+
+def test_fused_qkv_decode_keeps_lora_adapters():
+    """One-token decode steps fuse q/k/v into one matmul; LoRA adapters on q/k/v must still apply there."""
+    from glm_jax.lora import LoraConfig, add_lora
+    from glm_jax.tiny import tiny_ar_config
+
+    cfg = ArConfig.from_hf(tiny_ar_config())
+    m = GlmImageAR(cfg, rngs=nnx.Rngs(0), with_vision=False)
+    add_lora(m, LoraConfig(rank=4, alpha=8.0, targets=("attention",)), rngs=nnx.Rngs(1))
+    for i, layer in enumerate(m.text.layers):   # non-zero adapters
+        for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            p.lora_b.set_value(0.05 * jax.random.normal(jax.random.key(i), p.lora_b.get_value().shape))
+    b, length = 2, 7
+    ids = jax.random.randint(jax.random.key(3), (b, length), 0, cfg.text.vision_vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(length)[None, None], (3, b, length))
+    full = m.forward(ids, pos)
+    outs = {}
+    for fused in (True, False):
+        for layer in m.text.layers:
+            layer.self_attn.fuse_qkv = fused
+        cache = m.init_cache(b, length)
+        _, cache = m.prefill(ids[:, :-1], pos[:, :, :-1], None, cache)
+        outs[fused], _ = m.decode(ids[:, -1], pos[:, :, -1], cache, length - 1)
+    scale = float(jnp.abs(full[:, -1]).max())
+    assert float(jnp.abs(outs[True] - full[:, -1]).max()) < 1e-5 * scale
+    assert float(jnp.abs(outs[True] - outs[False]).max()) < 1e-5 * scale

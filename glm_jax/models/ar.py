@@ -24,7 +24,7 @@ contiguous `mrope_section` split (e.g. [8, 12, 12]: j < 8 -> t, j < 20 -> h, els
 `concat([f, f])`. This is NOT GLM-4's interleaved rotary. Position ids are `[3, B, L]` from
 `glm_jax.models.positions`.
 
-KV cache: `KVCache(k, v, valid)` with per-layer post-RoPE K and V `[B, S_max, kv_heads, head_dim]` (unexpanded
+KV cache: `KVCache(k, v, valid)` with per-layer post-RoPE K and V `[B, kv_heads, S_max, head_dim]` (unexpanded
 GQA heads) and a key-validity mask `[B, S_max]`. `prefill` writes slots 0..L-1, `decode` / `extend` write slots
 from `index` on with `lax.dynamic_update_slice`; everything is pure and fixed-shape, so the cache can be donated.
 """
@@ -32,6 +32,7 @@ from `index` on with `lax.dynamic_update_slice`; everything is pure and fixed-sh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -198,7 +199,7 @@ class Embed(nnx.Module):
 
 
 class KVCache(NamedTuple):
-    """Per-layer post-RoPE keys and values `[B, S_max, kv_heads, head_dim]` and key validity `[B, S_max]`."""
+    """Per-layer post-RoPE keys and values `[B, kv_heads, S_max, head_dim]` and key validity `[B, S_max]`."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -213,6 +214,10 @@ class TextAttention(nnx.Module):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.implementation = implementation
+        # one-token steps over a cache: "auto" (Pallas kernel on GPU when the cache has a multiple of 128 slots,
+        # else einsum), "einsum" (`decode_attention`), "pallas" (`decode_attention_pallas`) or "dpa"
+        self.decode_attention = "auto"
+        self.fuse_qkv = True               # one-token steps: one matmul for q/k/v (kernels concatenated)
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.q_proj = Dense(d, h * hd, axes=("embed", "heads"), use_bias=cfg.attention_bias, **kw)
         self.k_proj = Dense(d, kv * hd, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
@@ -226,20 +231,93 @@ class TextAttention(nnx.Module):
         with `kv = (k_cache, v_cache)` the chunk's K/V are written at slot `index` and the queries attend over the
         whole cache (`mask_BTS` is `[B, T, S_max]`); the updated pair is returned."""
         b, t, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.fuse_qkv and t == 1:
+            q, k, v = self._qkv_fused(x_BTD)
+        else:
+            q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos_BTR, sin_BTR), apply_rope(k, cos_BTR, sin_BTR)
         if kv is not None:
-            k_cache, v_cache = kv
-            start = (0, index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            k_cache, v_cache = kv     # [B, kv_heads, S, head_dim]
+            start = (0, 0, index, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start)
             kv = (k_cache, v_cache)
-            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+            mode = self.decode_attention
+            if mode == "auto":
+                mode = "pallas" if jax.default_backend() == "gpu" and k_cache.shape[2] % 128 == 0 else "einsum"
+            if t == 1 and mode in ("einsum", "pallas"):
+                fn = decode_attention if mode == "einsum" else decode_attention_pallas
+                o = fn(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS[:, 0], self.head_dim ** -0.5,
+                       index)
+                return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
+            k, v = k_cache.swapaxes(1, 2).astype(q.dtype), v_cache.swapaxes(1, 2).astype(q.dtype)
         o = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None], scale=self.head_dim ** -0.5,
                                          implementation=self.implementation)
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+    def _qkv_fused(self, x_BTD):
+        ps = (self.q_proj, self.k_proj, self.v_proj)
+        dt = self.q_proj.dtype
+        w = jnp.concatenate([p.kernel[...].astype(dt) for p in ps], axis=1)
+        y = jnp.dot(x_BTD.astype(dt), w)
+        if self.q_proj.bias is not None:
+            y = y + jnp.concatenate([p.bias[...].astype(dt) for p in ps])
+        n_q, n_k = self.q_proj.out_features, self.k_proj.out_features
+        parts = (y[..., :n_q], y[..., n_q:n_q + n_k], y[..., n_q + n_k:])
+        return tuple(o + _lora_delta(p, x_BTD) for o, p in zip(parts, ps, strict=True))
+
+
+def _lora_delta(p: Dense, x: jax.Array):
+    """The LoRA term of a `Dense` (0 without adapters), as `Dense.__call__` adds it."""
+    if p.lora_a is None:
+        return 0
+    x = x.astype(p.dtype)
+    return jnp.dot(p.lora_scale * jnp.dot(x, p.lora_a[...].astype(p.dtype)), p.lora_b[...].astype(p.dtype))
+
+
+def decode_attention(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BS: jax.Array,
+                     scale: float, index=None) -> jax.Array:
+    """Attention of one query per row over a KV cache `[B, kv_heads, S, D]`, GQA without expanding K/V:
+    `[B, 1, N, D]`.
+
+    Scores and softmax in fp32 (as `dot_product_attention` does); a plain memory-bound read of the cache that XLA
+    fuses, cheaper at one query than a flash-attention kernel."""
+    b, _, n, d = q_B1ND.shape
+    kv = k_BKSD.shape[1]
+    q_BKGD = q_B1ND.reshape(b, kv, n // kv, d)
+    s_BKGS = jnp.einsum("bkgd,bksd->bkgs", q_BKGD, k_BKSD, preferred_element_type=jnp.float32) * scale
+    s_BKGS = jnp.where(mask_BS[:, None, None, :], s_BKGS, jnp.finfo(jnp.float32).min)
+    p_BKGS = jax.nn.softmax(s_BKGS, axis=-1)
+    o_BKGD = jnp.einsum("bkgs,bksd->bkgd", p_BKGS.astype(v_BKSD.dtype), v_BKSD,
+                        preferred_element_type=jnp.float32)
+    return o_BKGD.astype(q_B1ND.dtype).reshape(b, 1, n, d)
+
+
+def decode_attention_pallas(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BS: jax.Array,
+                            scale: float, index) -> jax.Array:
+    """`decode_attention` with JAX's Pallas (Triton) split-K decode kernel, reading only the filled slots
+    `[first valid, index]` of each row (the valid keys of a left-padded decode are that contiguous range). GPU
+    only."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as pda
+
+    b, _, n, d = q_B1ND.shape
+    kv = k_BKSD.shape[1]
+    q_BKGD = q_B1ND.reshape(b, kv, n // kv, d)
+    start_BK = jnp.broadcast_to(jnp.argmax(mask_BS, axis=-1).astype(jnp.int32)[:, None], (b, kv))
+    len_BK = jnp.broadcast_to(jnp.asarray(index, jnp.int32) + 1, (b, kv))
+    slots = k_BKSD.shape[2]
+    if slots % 128:
+        raise ValueError(f"decode_attention_pallas needs a cache of a multiple of 128 slots, got {slots}")
+    inner = partial(pda.decode_attn_unbatched, sm_scale=scale, block_h=max(16, n // kv), block_k=128,
+                    k_splits=slots // 128,
+                    num_warps=None, num_stages=2, grid=None, interpret=False, debug=False,
+                    return_residuals=False, normalize_output=True)
+    o_BKGD = jax.vmap(jax.vmap(inner))(q_BKGD, k_BKSD, v_BKSD, start_BK, len_BK)
+    return o_BKGD.astype(q_B1ND.dtype).reshape(b, 1, n, d)
 
 
 class TextMLP(nnx.Module):
@@ -399,10 +477,12 @@ class GlmImageAR(nnx.Module):
     # -- KV cache ------------------------------------------------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> KVCache:
-        """An empty cache for `max_len` slots (all keys invalid)."""
+        """An empty cache for at least `max_len` slots (all keys invalid), rounded up to a multiple of 128: the
+        block of the GPU decode-attention kernel, which then reads only the filled blocks of each row."""
         t = self.cfg.text
+        max_len = -(-max_len // 128) * 128
         dtype = self.dtype if dtype is None else dtype
-        shape = (batch, max_len, t.num_kv_heads, t.head_dim)
+        shape = (batch, t.num_kv_heads, max_len, t.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(t.num_layers))
         return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(t.num_layers)),
                        valid=jnp.zeros((batch, max_len), bool))

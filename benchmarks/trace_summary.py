@@ -1,0 +1,57 @@
+"""Summarise a `jax.profiler` perfetto trace: total GPU kernel time by kernel name (top N) and by category.
+
+    python -m benchmarks.trace_summary TRACE_DIR [--top 40] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+
+
+def load_events(trace_dir: str) -> tuple[list[dict], dict[int, str]]:
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(max(files), "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return events, names
+
+
+def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
+    events, pnames = load_events(trace_dir)
+    gpu_pids = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n or "stream" in n.lower()}
+    tnames = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+    streams = {k for k, n in tnames.items() if n.lower().startswith("stream")}
+    by_name: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for e in events:
+        on_gpu = e.get("pid") in gpu_pids and (not streams or (e.get("pid"), e.get("tid")) in streams)
+        if e.get("ph") == "X" and on_gpu and "dur" in e:
+            by_name[e["name"]] += e["dur"]
+            count[e["name"]] += 1
+    total = sum(by_name.values())
+    rows = [{"name": n[:120], "us_per_step": d / steps, "calls_per_step": count[n] / steps,
+             "share": d / max(total, 1)} for n, d in by_name.most_common(top)]
+    return {"gpu_processes": sorted(pnames[p] for p in gpu_pids), "threads": sorted(set(tnames.values()))[:20], "kernel_us_per_step": total / steps,
+            "kernels_per_step": sum(count.values()) / steps, "top": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace_dir")
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=1)
+    a = ap.parse_args()
+    print(json.dumps(summarise(a.trace_dir, a.top, a.steps), indent=1))
+
+
+if __name__ == "__main__":
+    main()
