@@ -393,20 +393,33 @@ def _glyph_dim(dit) -> int:
 # ---------------------------------------------------------------------- VAE decode
 
 
-def decode_float(vae, latents_BHWC: jax.Array) -> jax.Array:
+DECODE_CHUNK = 4   # images per VAE decode pass: a 1024² bf16 decode needs several GiB of activations per image
+
+
+def _chunked(fn, x_B, chunk: int):
+    """`fn(x_B)` computed `chunk` rows at a time (`lax.map` over row blocks) when the batch is larger."""
+    b = x_B.shape[0]
+    if chunk <= 0 or b <= chunk:
+        return fn(x_B)
+    return jax.lax.map(lambda row: fn(row[None])[0], x_B, batch_size=chunk)
+
+
+def decode_float(vae, latents_BHWC: jax.Array, chunk: int = DECODE_CHUNK) -> jax.Array:
     """Final latents -> images in [0, 1] `[B, H, W, 3]` float32, as the pipeline's `output_type="np"`.
 
-    Latents are cast to the VAE dtype, de-normalised (`z * std_c + mean_c`), decoded, then `(x * 0.5 + 0.5)`
-    is clamped to [0, 1] in the image dtype.
+    Latents are cast to the VAE dtype, de-normalised (`z * std_c + mean_c`), decoded (`chunk` images at a time),
+    then `(x * 0.5 + 0.5)` is clamped to [0, 1] in the image dtype.
     """
-    z = vae.denormalize(latents_BHWC.astype(vae.dtype))
-    return jnp.clip(vae.decode(z) * 0.5 + 0.5, 0, 1).astype(jnp.float32)
+    def one(z):
+        return jnp.clip(vae.decode(vae.denormalize(z.astype(vae.dtype))) * 0.5 + 0.5, 0, 1).astype(jnp.float32)
+    return _chunked(one, latents_BHWC, chunk)
 
 
-def decode_images(vae, latents_BHWC: jax.Array) -> jax.Array:
-    """Final latents -> uint8 images `[B, H, W, 3]` (de-normalise, decode, `to_uint8`), the rewards' input."""
+def decode_images(vae, latents_BHWC: jax.Array, chunk: int = DECODE_CHUNK) -> jax.Array:
+    """Final latents -> uint8 images `[B, H, W, 3]` (de-normalise, decode, `to_uint8`), the rewards' input;
+    `chunk` images per VAE pass."""
     from glm_jax.models.vae import to_uint8
-    return to_uint8(vae.decode(vae.denormalize(latents_BHWC.astype(vae.dtype))))
+    return _chunked(lambda z: to_uint8(vae.decode(vae.denormalize(z.astype(vae.dtype)))), latents_BHWC, chunk)
 
 
 # -------------------------------------------------------------------- jit wrappers
