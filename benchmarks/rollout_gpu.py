@@ -106,7 +106,7 @@ def run_ar(res: dict, batches: list[int]) -> None:
                                    "valid_codes": bool((toks[:, :-1] < n_codes).all() and (toks[:, -1] == eos).all())}
         log(f"jax sample_ar b{b}: {t['median_s']:.2f} s per 1281-token rollout = {sps:.1f} steps/s")
         write_result("rollout_gpu_ar", res)
-    del state, jm
+    state = jm = None
     gc.collect()
 
     n1, n2 = (4, 12) if SMOKE else (8, 40)
@@ -182,7 +182,7 @@ def run_dit(res: dict, group: int) -> None:
     log(f"diffusers step {res['torch_denoise_step_g1.5']['median_s']:.4f}s")
     jd = module_from_torch(tm, dit_table.RULES, lambda: GlmImageDiT(c, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                                                     attention=ATTN, rngs=nnx.Rngs(0)))
-    del tm
+    tm = None
     gc.collect()
     torch.cuda.empty_cache() if DEV == "cuda" else None
     dg, ds = nnx.split(jd)
