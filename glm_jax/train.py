@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -204,6 +205,14 @@ class TrainSetup:
     trained_params: dict
 
 
+@functools.lru_cache(maxsize=16)
+def _optimizer(opt_cfg):
+    """One optax optimizer object per `OptimConfig` in a process: it is part of the static spec of the jitted
+    updates, so a second run with the same settings (a test, a notebook) reuses their compiled code."""
+    from glm_jax.grpo import optim as O
+    return O.make_optimizer(opt_cfg)
+
+
 def _count(tree) -> int:
     import jax
     return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
@@ -232,7 +241,7 @@ def build_train_state(cfg, stack, *, log=print) -> TrainSetup:
     specs, lr_fns, policies, refs, ema, loras, fwd, trained = {}, {}, {}, {}, {}, {}, {}, {}
     for k, part in enumerate(parts):
         opt_cfg = O.OptimConfig.from_config(cfg[part], cfg.train.steps)
-        tx = O.make_optimizer(opt_cfg)
+        tx = _optimizer(opt_cfg)
         lr_fns[part] = O.lr_schedule(opt_cfg)
         module = getattr(stack, part).merge()
         base_filter = T.ar_trainable if part == "ar" else T.dit_trainable
@@ -532,10 +541,12 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     it = D.train_iterator(train_ds, cfg.train.groups_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle,
                           process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.model.ckpt:
-        stack = GlmImageStack.load(cfg.model.ckpt, dtype=dtype, dit_remat=cfg.model.remat,
-                                   attention=cfg.model.attention or None)
-    else:
-        stack = GlmImageStack.tiny(cfg.seed, dtype=dtype, dit_remat=cfg.model.remat)
+        ckpt_dir = cfg.model.ckpt
+    else:                   # the embedded tiny checkpoint, written once to the cache (same weights as .tiny())
+        from glm_jax.tiny import tiny_checkpoint
+        ckpt_dir = tiny_checkpoint(seed=cfg.seed)
+    stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat,
+                               attention=cfg.model.attention or None)
     stack.prompts.check_target_size(H, W)
     if n_sources:
         from glm_jax.prompts import source_agreement

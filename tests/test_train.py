@@ -1,10 +1,18 @@
-"""`python -m glm_jax.train` on the embedded tiny model: each component mode runs, checkpoints resume exactly,
-and bad configs stop with one line naming the field."""
+"""`python -m glm_jax.train` on the embedded tiny model: T2I and I2I runs for each component mode, LoRA trains only
+adapters (and exports as base + scale·A@B, also after `conversion.to_torch`), checkpoints resume exactly (EMA
+included), SIGTERM leaves a restorable checkpoint, export reloads the trained params, and bad configs / data stop
+with one line naming the field."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,50 +20,226 @@ import pytest
 from glm_jax import train
 from glm_jax.config import ConfigError, apply_overrides, load_config, validate
 
+# tiny shapes; eval renders with the same ODE (steps, guidance) as the AR reward render so both share one compile
 FAST = ["--config.train.steps=2", "--config.ar.decode_steps=2", "--config.dit.num_steps=4",
-        "--config.ar.group_size=2", "--config.dit.group_size=2", "--config.log.images_every=2"]
+        "--config.ar.group_size=2", "--config.dit.group_size=2", "--config.log.images_every=2",
+        "--config.log.eval_num_steps=2", "--config.log.eval_every=0"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("component", ["ar", "dit", "both"])
-def test_cli_runs_each_component(component, tmp_path, capsys):
-    work = tmp_path / "run"
-    assert train.main(["--config", f"configs/t2i.py:tiny,{component}", "--workdir", str(work), *FAST]) == 0
-    cfg = json.loads((work / "config.json").read_text())
-    assert cfg["component"] == component and cfg["train"]["steps"] == 2
-    assert "2" in os.listdir(work / "checkpoints")
-    assert any(f.startswith("events") for f in os.listdir(work / "tensorboard"))
-    assert any(f.endswith("_000002.png") for f in os.listdir(work / "images"))
-    err = capsys.readouterr().err
-    assert "step 2/2" in err and "checkpoints:" in err
+def _cfg(spec: str, args: list[str]):
+    return validate(apply_overrides(load_config(spec), {a[len("--config."):].split("=")[0]: a.split("=", 1)[1]
+                                                        for a in args}))
 
 
-def _params_at(work, step: int) -> dict:
+def _state(work, step: int) -> dict:
+    import jax
     import orbax.checkpoint as ocp
     path = os.path.join(work, "checkpoints", str(step), "state")
-    import jax
     tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_resume_is_exact(tmp_path, capsys):
-    base = ["--config", "configs/t2i.py:tiny,dit", *FAST[1:], "--config.checkpoint.every=1"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train.main([*base, "--workdir", str(straight), "--config.train.steps=3"]) == 0
-    cfg = validate(apply_overrides(load_config("configs/t2i.py:tiny,dit"),
-                                   {a[len("--config."):].split("=")[0]: a.split("=", 1)[1]
-                                    for a in [*FAST[1:], "--config.checkpoint.every=1", "--config.train.steps=3"]}))
-    train.train(cfg, str(resumed), log=lambda *_: None, stop_after=2)        # interrupted after step 2
+def _flat_params(module) -> dict[str, np.ndarray]:
+    from flax import nnx
+    return {".".join(str(p) for p in path): np.asarray(v.get_value())
+            for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+# (t2i, dit) is the `dit_run` fixture below and (i2i, both) the LoRA test: every mode and component runs the CLI
+@pytest.mark.parametrize("mode,component", [("t2i", "ar"), ("t2i", "both"), ("i2i", "dit")])
+def test_cli_runs_each_mode_and_component(mode, component, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert train.main(["--config", f"configs/{mode}.py:tiny,{component}", "--workdir", str(work), *FAST]) == 0
+    cfg = json.loads((work / "config.json").read_text())
+    assert cfg["component"] == component and cfg["mode"] == mode and cfg["train"]["steps"] == 2
+    assert "2" in os.listdir(work / "checkpoints")
+    assert any(f.startswith("events") for f in os.listdir(work / "tensorboard"))
+    assert any(f.endswith("_000002.png") for f in os.listdir(work / "images"))
+    assert os.listdir(work / "eval") == ["step_2.png"]          # evaluation at the end
+    err = capsys.readouterr().err
+    assert "step 2/2" in err and "checkpoints:" in err and "eval at step 2" in err
+    parts = ["ar", "dit"] if component == "both" else [component]
+    tags = _tb_tags(work / "tensorboard")
+    for part in parts:
+        for tag in ("reward/total_mean", "reward/total_std", "adv/zero_std_ratio", "adv/mean", "loss",
+                    "ratio_mean", "ratio_min", "ratio_max", "kl_loss", "logprob_mismatch_mean", "grad_norm",
+                    "learning_rate", "tflops_per_s"):
+            assert f"{part}/{tag}" in tags, f"{part}/{tag}"
+        assert f"eval/{part}/reward/total_mean" in tags
+    clip = {"ar": "ar/clip_frac", "dit": "dit/clipfrac"}
+    assert all(clip[p] in tags for p in parts)
+    assert {"time/decode_s", "throughput/images_per_s", "time/ar_sample_s"} <= tags
+    if mode == "i2i":
+        assert "time/source_encode_s" in tags
+        if "dit" in parts:
+            assert "dit/reward/structure/mean" in tags       # the structure reward saw the sources
+
+
+def _tb_tags(directory) -> set[str]:
+    """Scalar tags of the TensorBoard event files in `directory` (TFRecord frames of `Event` protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    tags = set()
+    for path in glob.glob(os.path.join(directory, "events*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = Event.FromString(data[i + 12:i + 12 + n])
+            tags.update(v.tag for v in ev.summary.value if v.HasField("simple_value"))
+            i += 12 + n + 4
+    return tags
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+    """A 3-step T2I DiT run with EMA (decay 0.5 every 2 steps), a checkpoint every step."""
+    work = tmp_path_factory.mktemp("dit") / "straight"
+    args = [*FAST[1:], "--config.checkpoint.every=1", "--config.train.steps=3", "--config.ema.decay=0.5",
+            "--config.ema.every=2"]
+    assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(work), *args]) == 0
+    return work, args
+
+
+def test_resume_is_exact_with_ema(dit_run, tmp_path, capsys):
+    straight, args = dit_run
+    resumed = tmp_path / "resumed"
+    train.train(_cfg("configs/t2i.py:tiny,dit", args), str(resumed), log=lambda *_: None, stop_after=2)
     assert sorted(os.listdir(resumed / "checkpoints")) == ["1", "2"]
     capsys.readouterr()
-    assert train.main([*base, "--workdir", str(resumed), "--config.train.steps=3"]) == 0
+    assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(resumed), *args]) == 0
     assert "resumed" in capsys.readouterr().err
-    a, b = _params_at(straight, 3), _params_at(resumed, 3)
-    assert sorted(a) == sorted(b)
+    a, b = _state(straight, 3), _state(resumed, 3)
+    assert sorted(a) == sorted(b) and any("ema" in k for k in a)
     for k in a:
-        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
-    p2 = _params_at(straight, 2)
-    moved = any(not np.array_equal(np.asarray(p2[k]), np.asarray(a[k])) for k in a if "params" in k)
-    assert moved                                   # the update changed the trained parameters
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    p1, p2 = _state(straight, 1), _state(straight, 2)
+    params = [k for k in a if "['params']" in k]
+    assert any(not np.array_equal(p2[k], a[k]) for k in params)          # the update moved the params
+    # EMA every 2 steps: unchanged after step 1, one update (0.5 * initial + 0.5 * params_2) after steps 2 and 3
+    for k in params:
+        e = k.replace("['dit']['params']", "['ema']['dit']")
+        init = 2 * p2[e] - p2[k]
+        np.testing.assert_allclose(p1[e], init, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a[e], p2[e])
+
+
+def test_export_reloads_trained_params_and_ema(dit_run, tmp_path):
+    from glm_jax import export
+    from glm_jax.checkpoint import load_model
+    work, _ = dit_run
+    out = tmp_path / "ckpt"
+    assert export.main(["--workdir", str(work), "--out", str(out)]) == 0
+    step, trained = export.run_params(str(work))
+    assert step == 3 and list(trained) == ["dit"]
+    _, dit = load_model(str(out), "transformer")
+    got = _flat_params(dit)
+    assert sorted(got) == sorted(trained["dit"])
+    for k, v in trained["dit"].items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    base = export.base_checkpoint(export.read_run_config(str(work)))
+    _, vae_out = load_model(str(out), "vae")
+    _, vae_base = load_model(base, "vae")
+    for k, v in _flat_params(vae_base).items():
+        np.testing.assert_array_equal(_flat_params(vae_out)[k], v)
+    assert export.main(["--workdir", str(work), "--out", str(out)]) == 2        # exists: needs --overwrite
+    assert export.main(["--workdir", str(work), "--out", str(out), "--overwrite", "--ema", "--step", "2"]) == 0
+    _, ema = export.run_params(str(work), 2, ema=True)
+    _, dit_ema = load_model(str(out), "transformer")
+    got = _flat_params(dit_ema)
+    for k, v in ema["dit"].items():
+        np.testing.assert_array_equal(got[k], v.astype(got[k].dtype), err_msg=k)
+    assert json.loads((out / "glm_jax.json").read_text())["trained"]["ema"] is True
+    assert not any(os.path.basename(p).startswith("ckpt.tmp") for p in glob.glob(str(tmp_path / "*")))
+
+
+def test_i2i_both_lora_trains_only_adapters_and_exports_merged(tmp_path, capsys):
+    """I2I with both components under LoRA: only adapters are trained and checkpointed; the export merges to
+    base + alpha/rank * A @ B in `load_model` and in the PyTorch weights of `conversion.to_torch`."""
+    from safetensors.numpy import load_file
+
+    from conversion.table import find_jax
+    from conversion.to_torch import export as to_torch
+    from glm_jax import export
+    from glm_jax.checkpoint import load_model, load_params
+    from glm_jax.components import COMPONENTS
+    work = tmp_path / "lora"
+    args = [*FAST, "--config.lora.rank=4", "--config.lora.alpha=8.0", "--config.dit.beta=0.01",
+            "--config.ar.beta=0.01"]
+    assert train.main(["--config", "configs/i2i.py:tiny,both,lora", "--workdir", str(work), *args]) == 0
+    err = capsys.readouterr().err
+    assert "eval at step 2" in err and "lora: " in err
+    tags = _tb_tags(work / "tensorboard")
+    assert {"ar/kl_loss", "dit/kl_loss", "time/source_encode_s", "dit/reward/structure/mean"} <= tags
+    state = _state(work, 2)
+    for part in ("ar", "dit"):
+        params = [k for k in state if k.startswith(f"['{part}']['params']")]
+        assert params and all(("['lora_a']" in k or "['lora_b']" in k) for k in params)
+        assert any(np.abs(state[k]).max() > 0 for k in params if "lora_b" in k)     # B left zero: it trained
+    out, hf = tmp_path / "ckpt", tmp_path / "hf"
+    assert export.main(["--workdir", str(work), "--out", str(out)]) == 0
+    base = export.base_checkpoint(export.read_run_config(str(work)))
+    _, adapters = export.run_params(str(work))
+    to_torch(str(out), str(hf))
+    scale = 8.0 / 4
+    for part, slot in export.SLOTS.items():
+        base_flat = load_params(os.path.join(base, slot, "params"))
+        _, merged = load_model(str(out), slot)
+        merged = _flat_params(merged)
+        ad = adapters[part]
+        adapted = {k[: -len(".lora_a")] for k in ad if k.endswith(".lora_a")}
+        assert adapted and len(ad) == 2 * len(adapted) and sorted(merged) == sorted(base_flat)
+        for k, v in base_flat.items():
+            d = k[: -len(".kernel")]
+            want = v + scale * ad[d + ".lora_a"] @ ad[d + ".lora_b"] if d in adapted else v
+            np.testing.assert_allclose(merged[k], want, rtol=1e-6, atol=1e-6, err_msg=k)
+        tensors = {}
+        for f in glob.glob(str(hf / slot / "*.safetensors")):
+            tensors.update(load_file(f))
+        rules = COMPONENTS[slot].rules()
+        for d in adapted:
+            key, _ = find_jax(rules, d + ".kernel")
+            np.testing.assert_allclose(tensors[key].T, merged[d + ".kernel"], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_rerun_resumes(tmp_path, capsys):
+    from glm_jax.train_checkpoint import TrainCheckpointer
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "glm_jax.train", "--config", "configs/t2i.py:tiny,dit", "--workdir", str(work),
+           *FAST[1:], "--config.train.steps=1000", "--config.checkpoint.every=1000"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    t0 = time.time()
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("step 2/1000"):
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.time() - t0 < 240, "".join(lines[-20:])
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGTERM: saved step" in out
+    saved = int(out.split("SIGTERM: saved step")[1].split(";")[0])
+    assert saved >= 2
+    ckpt = TrainCheckpointer(str(work / "checkpoints"), every=1000)
+    assert ckpt.latest_step() == saved
+    ckpt.close()
+    state = _state(work, saved)
+    assert int(state["['step']"]) == saved and any("['dit']['params']" in k for k in state)
+    capsys.readouterr()
+    assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(work), *FAST[1:],
+                       f"--config.train.steps={saved + 1}", "--config.checkpoint.every=1000"]) == 0
+    err = capsys.readouterr().err
+    assert f"at step {saved}" in err and f"step {saved + 1}/{saved + 1}" in err
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -64,12 +248,32 @@ def test_resume_is_exact(tmp_path, capsys):
     ("--config.image.height=100", "image.height"),
     ("--config.component=all", "component"),
     ("--config.ar.group_size=1", "ar.group_size"),
+    ("--config.lora.rank=0", "lora.rank"),
+    ("--config.lora.alpha=-1.0", "lora.alpha"),
+    ("--config.lora.targets=attention,conv", "lora.targets"),
+    ("--config.ema.decay=1.0", "ema.decay"),
+    ("--config.ema.decay=-0.1", "ema.decay"),
+    ("--config.ema.every=0", "ema.every"),
+    ("--config.log.eval_num_steps=0", "log.eval_num_steps"),
+    ("--config.data.path=data/t2i", "source image"),           # an I2I config on T2I data
 ])
 def test_bad_config_is_one_line(override, needle, tmp_path, capsys):
-    rc = train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w"), override])
+    spec = "configs/i2i.py:tiny" if "data.path" in override else "configs/t2i.py:tiny"
+    rc = train.main(["--config", spec, "--workdir", str(tmp_path / "w"), override])
     assert rc == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and needle in err
+    assert err.startswith("error:") and "\n" not in err and needle in err, err
+
+
+def test_i2i_needs_one_source_count_per_run(tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(ROOT, "data", "i2i"), data)
+    shutil.move(data / "source_images" / "3.png", data / "source_images" / "3_0.png")
+    shutil.copy(data / "source_images" / "3_0.png", data / "source_images" / "3_1.png")
+    rc = train.main(["--config", "configs/i2i.py:tiny", "--workdir", str(tmp_path / "w"),
+                     f"--config.data.path={data}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "prompts.txt:4" in err and "same number of sources" in err and "\n" not in err, err
 
 
 def test_unknown_variant_and_missing_data(tmp_path):
@@ -78,3 +282,11 @@ def test_unknown_variant_and_missing_data(tmp_path):
     cfg = validate(apply_overrides(load_config("configs/t2i.py:tiny"), {"data.path": str(tmp_path / "none")}))
     with pytest.raises(ValueError, match="none"):
         train.train(cfg, str(tmp_path / "w"), log=lambda *_: None)
+
+
+def test_variants_compose():
+    c = load_config("configs/i2i.py:lora,tiny,both")
+    assert c.component == "both" and c.lora.enabled and c.model.ckpt == "" and c.dit.lr == 2e-2
+    assert "structure" in c.reward.dit
+    c = load_config("configs/t2i.py:dit,lora")
+    assert c.lora.enabled and c.dit.lr == 3e-4 and c.ar.lr == 1e-5
