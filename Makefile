@@ -38,8 +38,10 @@ sysdeps:
 	    else echo "error: missing system packages:$$missing; install them with: sudo apt-get install$$missing"; \
 	      exit 1; fi; fi
 
-# GRPO on the embedded default: the tiny random GLM-Image and the sample T2I data, on CPU.
+# GRPO on the embedded default: the tiny random GLM-Image and the sample T2I data, on CPU (about two minutes);
+# the DiT's reward rises. runs/tiny starts afresh each time (the CLI itself resumes an existing workdir).
 train: venv sysdeps
+	rm -rf runs/tiny
 	$(PY) -m glm_jax.train --config configs/t2i.py:tiny --workdir runs/tiny
 
 test: venv sysdeps
