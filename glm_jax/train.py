@@ -277,6 +277,9 @@ def build_train_state(cfg, stack, *, log=print) -> TrainSetup:
         log(f"{part}: {trained[part]:,} trained parameters"
             + (f" (LoRA on a {fwd[part]:,}-parameter model)" if lora_cfg is not None else ""))
     ts = T.init_train_state(jax.random.key(cfg.seed), ar=policies.get("ar"), dit=policies.get("dit"))
+    # placement: committed to one device, as a restored checkpoint is (same jit cache entries before and after a
+    # resume); a mesh's shardings go here
+    ts, refs, ema = jax.device_put((ts, refs, ema), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     return TrainSetup(parts, specs, lr_fns, ts, refs, ema, loras, fwd, trained)
 
 
