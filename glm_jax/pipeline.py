@@ -81,12 +81,13 @@ class GlmImageStack:
 
     @classmethod
     def load(cls, ckpt: str, *, dtype=jnp.float32, param_dtype=None, components=("ar", "dit", "vae", "t5"),
-             dit_remat: str = "none", attention: str | None = None, shardings=None) -> GlmImageStack:
+             dit_remat: str = "none", attention: str | None = None, shardings=None, ar_remat: str = "none"
+             ) -> GlmImageStack:
         """Loads a glm_jax checkpoint directory.
 
         `dtype` is the compute dtype of the AR and DiT (the VAE and T5 keep float32 compute, brief §6);
-        `param_dtype=None` keeps the stored parameter dtypes. `dit_remat` sets the DiT blocks' rematerialisation
-        policy (`glm_jax.models.remat`) for training; `attention` the `dot_product_attention` implementation of
+        `param_dtype=None` keeps the stored parameter dtypes. `dit_remat` / `ar_remat` set the DiT blocks' / AR
+        text layers' rematerialisation policy (`glm_jax.models.remat`) for training; `attention` the `dot_product_attention` implementation of
         the DiT. `components` picks which of ar / dit / vae / t5 to load.
         """
         from glm_jax.checkpoint import load_model
@@ -107,6 +108,7 @@ class GlmImageStack:
                         block.attn1.implementation = attention
             if name == "ar":
                 ar_cfg = cfg
+                module.text.remat = check_policy(ar_remat)
             loaded[name] = split(module)
         sched_path = os.path.join(ckpt, "scheduler", "scheduler_config.json")
         with open(sched_path) as f:
@@ -116,7 +118,8 @@ class GlmImageStack:
                    eos_id=eos_id, ckpt=ckpt)
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, dtype=jnp.float32, dit_remat: str = "none") -> GlmImageStack:
+    def tiny(cls, seed: int = 0, *, dtype=jnp.float32, dit_remat: str = "none", ar_remat: str = "none"
+             ) -> GlmImageStack:
         """The embedded tiny random GLM-Image built in memory: the same configs and weights as
         `glm_jax.tiny.write_tiny_checkpoint(dst, seed)` + `load`, without the disk round trip."""
         from glm_jax import tiny
@@ -134,6 +137,7 @@ class GlmImageStack:
                 module.remat = check_policy(dit_remat)
             if name == "ar":
                 ar_cfg = cfg
+                module.text.remat = check_policy(ar_remat)
             loaded[name] = split(module)
         try:
             from glm_jax.prompts import PromptBuilder

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from glm_jax.models.layers import Dense, DType, RMSNorm, dtype_from_name, param
+from glm_jax.models.remat import layer_call
 
 AttentionImpl = str | None  # None (let JAX pick), "xla" or "cudnn"
 
@@ -366,6 +367,7 @@ class GlmImageText(nnx.Module):
         self.layers = nnx.List([TextDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                                  implementation=implementation) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.remat = "none"   # rematerialisation policy of each layer without a cache (`glm_jax.models.remat`)
 
     def __call__(self, input_ids_BT: jax.Array, position_ids_3BT: jax.Array, mask_BTS: jax.Array,
                  cache: KVCache | None = None, index: jax.Array | int = 0
@@ -375,8 +377,10 @@ class GlmImageText(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids_3BT, self.cfg, self.dtype)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, cos, sin, mask_BTS, kv, index)
+            if cache is None:   # training / re-scoring: the only path that is differentiated
+                x, _ = layer_call(layer, self.remat, x, cos, sin, mask_BTS)
+                continue
+            x, kv = layer(x, cos, sin, mask_BTS, (cache.k[i], cache.v[i]), index)
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
