@@ -539,8 +539,12 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     rewards = build_reward_sets({"ar": cfg.reward.ar.to_dict() if use_ar else {},
                                  "dit": cfg.reward.dit.to_dict() if use_dit else {},
                                  "options": cfg.reward.options.to_dict()})
-    train_ds, eval_ds = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path)
-    n_sources = source_count([train_ds, eval_ds], cfg.mode)
+    try:
+        train_ds, eval_ds = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path)
+        n_sources = source_count([train_ds, eval_ds], cfg.mode)
+    except ValueError as e:                 # the data of a config that does not fit it: name the field too
+        field = "data.eval_path" if cfg.data.eval_path and cfg.data.eval_path in str(e) else "data.path"
+        raise ValueError(f"config.{field} ({cfg.mode} data): {e}") from None
     it = D.train_iterator(train_ds, cfg.train.groups_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle,
                           process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.model.ckpt:

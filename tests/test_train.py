@@ -255,7 +255,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_rerun_resumes(tmp_path, capsy
     ("--config.ema.decay=-0.1", "ema.decay"),
     ("--config.ema.every=0", "ema.every"),
     ("--config.log.eval_num_steps=0", "log.eval_num_steps"),
-    ("--config.data.path=data/t2i", "source image"),           # an I2I config on T2I data
+    ("--config.data.path=data/t2i", "config.data.path (i2i data): data/t2i/prompts.txt:1: no source image"),
 ])
 def test_bad_config_is_one_line(override, needle, tmp_path, capsys):
     spec = "configs/i2i.py:tiny" if "data.path" in override else "configs/t2i.py:tiny"
