@@ -353,3 +353,64 @@ def test_dit_learns_a_colour_reward(stack, prompts, glyph):
     assert z > 3, (z, curve[:10].mean(), curve[-10:].mean())
     assert z0 < 3, z0
     assert np.all(np.isfinite(kls)) and kls[-1] > 0 and np.all(flat_kl == 0)
+
+
+AR_LAYOUT = ArLayout.i2i(H, W)  # the 2x2 target grid only (N = 5)
+
+
+def run_ar(stack, glyph, lr: float, steps: int, key: int = 0):
+    """AR GRPO on the colour reward of ODE-decoded images: `ar_group_rollout` (2 prompts x 8, x_T shared by a
+    group) -> group advantages -> `ar_update_jit` (beta > 0: k3 KL to the initial policy). One rollout key and
+    group ids that restart at 0 freeze each group's x_T over the run; sample ids advance, so every step draws
+    fresh tokens."""
+    g, p = 8, len(TEXTS)
+    cfg = R.ArRolloutConfig(group_size=g, sampling=SAMPLING, decode_steps=3, decode_guidance=1.5)
+    spec, ts = ar_setup(stack, lr=lr, beta=0.01)
+    ref = jax.tree.map(jnp.copy, ts.ar.params)  # the update donates ts
+    prompts = make_prompts(stack, TEXTS, AR_LAYOUT)
+    sched = stack.schedule(cfg.decode_steps, H, W)
+    curve, kls = [], []
+    for it in range(steps):
+        roll = R.ar_group_rollout(T.policy_split(spec.graphdef, ts.ar), stack.dit, stack.vae, prompts, *glyph,
+                                  jax.random.key(key), cfg, sched, n_codes=stack.n_codes, eos_id=stack.eos_id,
+                                  height=H, width=W, first_sample_id=p * g * it, first_group_id=0)
+        r = colour_reward(roll.images)
+        adv = compute_advantages(r, np.asarray(roll.group_ids))
+        ts, m = T.ar_update_jit(spec, ts, R.ar_batch(roll, adv.advantages, adv.weights), ref)
+        curve.append(r.mean())
+        kls.append(float(m["kl_loss"]))
+    return np.asarray(curve), np.asarray(kls)
+
+
+def test_ar_learns_a_colour_reward_of_its_decoded_images(stack, glyph):
+    """The AR policy learns the colour reward of the images the (unmodified) tiny DiT renders from its tokens,
+    through the real path: `ar_group_rollout` (processed policy T 0.9 / top-p 0.75, ODE render with CFG 1.5 and
+    x_T shared within a group) and `ar_update_jit` (beta 0.01); the same run at lr 0 does not move.
+
+    Two choices make the tiny random stack learnable in a few CPU seconds; both were measured at 64x64:
+
+    * x_T is frozen over the run (one rollout key, group ids restart at 0): the colour effect of a code in one
+      grid cell under two different x_T correlates at about 0 (-0.01 .. 0.07 over 127 codes), because the
+      random DiT's prior path is weak (N(0, 0.02) init: the prior projector's output is 4 % of the patch
+      features, and the DiT moves the latent by ~10 % of x_T). Averaged over x_T, every token choice then
+      scores the same: with a fresh x_T per step the same runs give z = 1.9, 0.5, 0.1 (three keys, 40 steps).
+      For a fixed x_T the reward is a fixed, mostly additive function of the four codes (corr 0.71 with the
+      sum of single-code effects), which the policy can climb.
+    * The target-only layout (`ArLayout.i2i`, text prompt `...<sop>2 2<eop><bos>`): the 64x64 t2i layout
+      trains 256 preview tokens next to 4 target tokens (64:1, against 1:4 at 1024x1024); the preview tokens
+      never reach the image and their score-function noise drowns the target tokens' signal (t2i with x_T
+      frozen: z = -1.2 after 40 steps while the KL grows to 1).
+
+    The tokens move the images little (redrawing all four codes changes a pixel by 0.24 uint8 levels, a new x_T
+    by 11), so the reward differences are ~1e-5; the group normalisation makes their scale irrelevant, and the
+    curve's step-to-step noise (token sampling only) is of the same size. Measured: z = 9.6, 9.9, 12.2 at
+    lr 3e-3 (keys 0, 1000, 2000), z = 0.5 at lr 0.
+    """
+    curve, kls = run_ar(stack, glyph, 3e-3, 40)
+    flat, flat_kl = run_ar(stack, glyph, 0.0, 40)
+    z, z0 = rise_z(curve), rise_z(flat)
+    print(f"AR colour reward: lr 3e-3 z={z:.1f} ({curve[:10].mean():.7f} -> {curve[-10:].mean():.7f}), "
+          f"lr 0 z={z0:.1f}, KL last {kls[-1]:.3g}")
+    assert z > 3, (z, curve[:10].mean(), curve[-10:].mean())
+    assert z0 < 3, z0
+    assert np.all(np.isfinite(kls)) and kls[-1] > 0 and np.all(flat_kl == 0)
