@@ -31,7 +31,8 @@ checkpointed with the state, used by evaluation and (on request) by `python -m g
 current policy (EMA params when the EMA is on) by AR sampling and the DiT ODE (`log.eval_num_steps`,
 `log.eval_guidance`) from a fixed seed, so successive evaluations are comparable; scored against the eval targets
 with each trained component's reward set and logged under `eval/<part>/...`; the grid is saved as
-`workdir/eval/step_<N>.png` (one row per eval batch) and sent to TensorBoard.
+`workdir/eval/step_<N>.png` (targets, I2I sources, then the generated images with their rewards) and sent to
+TensorBoard.
 
 The workdir holds `config.json` (the resolved config), `checkpoints/` (orbax, every `checkpoint.every` steps and
 at the end, the last `checkpoint.keep` kept, asynchronous and atomic), `tensorboard/`, `images/` (PNG grids of
@@ -489,13 +490,25 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     metrics["time/eval_s"] = time.perf_counter() - t0
     monitor.scalars(step, metrics)
     cols = min(len(prompts), cfg.train.groups_per_step)
-    tiles = [np.concatenate([t[None] for t in targets]), images_np]
-    grid = image_grid(np.concatenate(tiles), columns=cols,
-                      captions=[f"target {i}" for i in range(len(prompts))] + [c.strip() for c in captions])
+    n = len(prompts)
+    tiles, labels = [_fit(targets, images_np.shape[1:3])], [f"target {i}" for i in range(n)]
+    if sources:
+        tiles.append(_fit(sources, images_np.shape[1:3]))
+        labels += [f"source {i}" for i in range(n)]
+    grid = image_grid(np.concatenate([*tiles, images_np]), columns=cols,
+                      captions=labels + [c.strip() for c in captions])
     path = monitor.eval_image(step, grid)
     log(f"eval at step {step}: " + ", ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()
                                               if k.endswith("total_mean")) + (f"; grid {path}" if path else ""))
     return metrics
+
+
+def _fit(images: list[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
+    """uint8 images of any sizes as one `[N, h, w, 3]` batch at `hw` (bicubic where the size differs)."""
+    from PIL import Image
+    h, w = int(hw[0]), int(hw[1])
+    return np.stack([x if x.shape[:2] == (h, w) else np.asarray(Image.fromarray(x).resize((w, h), Image.BICUBIC))
+                     for x in images])
 
 
 def make_sampling(cfg, stack):
