@@ -74,7 +74,7 @@ def prompts(cfg: ArConfig, batch: int, layout: ArLayout, rng):
     return ar_prompts_from_ids(seqs, grids, layout, cfg)
 
 
-def run_ar(res: dict, batches: list[int]) -> None:
+def run_ar(res: dict, batches: list[int], with_torch: bool = True) -> None:
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
     hf_cfg = GlmImageConfig(**{k: v for k, v in AR_CONFIG.items() if k not in ("model_type", "architectures")})
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def run_ar(res: dict, batches: list[int]) -> None:
     gc.collect()
 
     n1, n2 = (4, 12) if SMOKE else (8, 40)
-    for impl in ("static", "dynamic"):
+    for impl in ("static", "dynamic") if with_torch else ():
         for b in batches:
             lo = cfg.text.vision_vocab_size
             ids = torch.tensor(rng.integers(lo, lo + min(100_000, (cfg.text.vocab_size - lo) // 2), (b, 64)),
@@ -267,10 +267,11 @@ def main():
     ap.add_argument("--part", choices=("ar", "dit"), required=True)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--group", type=int, default=16)
+    ap.add_argument("--no-torch", action="store_true", help="AR part: skip transformers generate")
     a = ap.parse_args()
     res = {"device": device_info(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if a.part == "ar":
-        run_ar(res, [int(x) for x in a.batches.split(",")])
+        run_ar(res, [int(x) for x in a.batches.split(",")], with_torch=not a.no_torch)
     else:
         run_dit(res, 4 if SMOKE else a.group)
 

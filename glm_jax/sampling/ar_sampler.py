@@ -157,7 +157,7 @@ def scaled_logits(logits: jax.Array, valid: jax.Array, params: SamplingParams) -
 def kept_mask(z: jax.Array, params: SamplingParams) -> jax.Array:
     """The kept set (bool `[..., V]`, no gradient) of top-k then top-p on masked-temperature logits `z`.
 
-    One stable ascending sort per row gives the k-th largest value and the nucleus boundary (the first kept
+    One ascending sort of the values per row gives the k-th largest value and the nucleus boundary (the first kept
     sorted entry); a token is kept iff it is finite, >= the k-th value, and above the boundary value or equal to
     it with an index >= the boundary token's (stable-sort tie order).
     """
@@ -170,7 +170,7 @@ def kept_mask(z: jax.Array, params: SamplingParams) -> jax.Array:
     keep = jnp.isfinite(z)
     if not (use_k or use_p):
         return keep
-    s, order = jax.lax.sort((z, iota), dimension=z.ndim - 1, is_stable=True, num_keys=1)
+    s = jnp.sort(z, axis=-1)   # values only: the stable order of equal values is recovered below by index
     if use_k:
         kth = s[..., vocab - top_k][..., None]
         keep &= z >= kth
@@ -180,8 +180,12 @@ def kept_mask(z: jax.Array, params: SamplingParams) -> jax.Array:
         remove = (cum <= jnp.float32(1.0 - params.top_p)) & (iota < vocab - params.min_tokens_to_keep)
         first = jnp.max(jnp.where(remove, iota + 1, 0), axis=-1, keepdims=True)  # first kept sorted slot
         thr = jnp.take_along_axis(s, first, axis=-1)
-        thr_id = jnp.take_along_axis(order, first, axis=-1)
-        keep &= (z > thr) | ((z == thr) & (iota >= thr_id))
+        # In a stable ascending sort the tokens equal to `thr` sit in index order from slot #(z < thr); the
+        # boundary slot `first` is the one of rank `first - #(z < thr)` among them: keep that one and later ones.
+        tie = z == thr
+        rank = jnp.cumsum(tie, axis=-1) - 1
+        below = jnp.sum(z < thr, axis=-1, keepdims=True)
+        keep &= (z > thr) | (tie & (rank >= first - below))
     return keep
 
 
