@@ -565,7 +565,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     else:                   # the embedded tiny checkpoint, written once to the cache (same weights as .tiny())
         from glm_jax.tiny import tiny_checkpoint
         ckpt_dir = tiny_checkpoint(seed=cfg.seed)
-    stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat,
+    stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
                                attention=cfg.model.attention or None)
     stack.prompts.check_target_size(H, W)
     if n_sources:
