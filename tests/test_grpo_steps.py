@@ -401,7 +401,7 @@ def test_ar_learns_a_colour_reward_of_its_decoded_images(stack, glyph):
       can climb.
     * The target-only layout (`ArLayout.i2i`, text prompt `...<sop>2 2<eop><bos>`): the 64x64 t2i layout
       trains 256 preview tokens next to the 4 target tokens (64:1, against 1:4 at 1024x1024); the preview
-      tokens never reach the image and their score-function noise drowns the target tokens' signal (t2i,
+      tokens never reach the image and their score-function noise drowns the target tokens' weak signal (t2i,
       x_T frozen: z = 1.0 after 40 steps).
 
     The tokens move the images little (redrawing the four codes changes a pixel by 0.27 uint8 levels, a new x_T
