@@ -1,0 +1,312 @@
+"""Sharding on 8 simulated CPU devices: the AR and DiT GRPO update steps give the same loss, gradient norm and
+new params on every mesh (1 device, data=8, fsdp=8, data=2 x fsdp=4, data=2 x fsdp=2 x tensor=2); parameter
+shardings are what the rules say (odd sizes replicated, the fused gate|up kernel never split over `tensor`);
+mesh config errors name the field; sharded loading of a glm_jax checkpoint and of a torch-layout safetensors
+directory gives the plain load's params, reading each byte once.
+
+The 8 devices must exist before jax starts: run alone with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`, or let `test_suite_on_8_cpu_devices` start that
+subprocess (the other tests are skipped in a process with fewer devices).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from glm_jax import sharding as S
+from glm_jax.components import COMPONENTS
+from glm_jax.grpo import optim as O
+from glm_jax.grpo import train_step as T
+from glm_jax.pipeline import ar_prompts_from_ids, ar_token_ids
+from glm_jax.sampling.ar_sampler import ArLayout
+from glm_jax.sampling.flow import make_cond
+from glm_jax.sampling.schedule import flow_schedule
+from glm_jax.tiny import scheduler_config, tiny_ar_config, tiny_dit_config, tiny_tokenizer
+
+P = PartitionSpec
+N_DEV = 8
+HAVE_8 = jax.device_count() >= N_DEV
+needs8 = pytest.mark.skipif(not HAVE_8, reason="needs 8 devices (run by test_suite_on_8_cpu_devices)")
+
+AR_SLOT, DIT_SLOT = "vision_language_encoder", "transformer"
+H = W = 64
+B = 8
+MESHES = {
+    "data8": {"data": 8, "fsdp": 1, "tensor": 1},
+    "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
+    "data2_fsdp4": {"data": 2, "fsdp": 4, "tensor": 1},
+    "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+}
+
+
+def test_suite_on_8_cpu_devices():
+    """Runs this file in a subprocess with 8 simulated CPU devices (when this process has fewer)."""
+    if HAVE_8:
+        pytest.skip("this process already has 8 devices")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEV}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" in proc.stdout, proc.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def build(slot: str, seed: int):
+    spec = COMPONENTS[slot]
+    if slot == AR_SLOT:
+        hf = tiny_ar_config()
+        hf["text_config"]["num_hidden_layers"] = 1
+    else:
+        hf = dict(tiny_dit_config(), num_layers=1)
+    cfg = spec.config_from_hf(hf)
+    return cfg, spec.model_class()(cfg, rngs=nnx.Rngs(seed))
+
+
+def tx():
+    return O.make_optimizer(O.OptimConfig(lr=3e-3, grad_clip=1.0, weight_decay=0.01, eps=1e-3))
+
+
+def ar_case():
+    """Tiny AR policy (beta > 0 with a perturbed reference) and a batch of 8 left-padded prompts of different
+    lengths with random code tokens, advantages and weights."""
+    cfg, module = build(AR_SLOT, 1)
+    n_codes, eos_id = ar_token_ids(cfg)
+    layout = ArLayout.i2i(H, W)
+    texts = ["a", "red fox", "a sign 'OK'", "blue sky over hills", "x", "two cats", "it's a 'B'", "tree"]
+    grids = "".join(f"<sop>{h} {w}<eop>" for h, w in reversed(layout.gen_grids))
+    ids = [tiny_tokenizer().encode(f"{t}{grids}<|dit_token_16384|>").ids for t in texts]
+    prompts = ar_prompts_from_ids(ids, [[[1, *g] for g in reversed(layout.gen_grids)]] * B, layout, cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, n_codes, (B, layout.n_tokens)).astype(np.int32)
+    tokens[:, -1] = eos_id
+    mask = np.broadcast_to(np.asarray(layout.loss_mask()), tokens.shape)
+    batch = T.ArBatch(jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
+                      jnp.asarray(prompts.position_ids), jnp.asarray(prompts.decode_positions), jnp.asarray(tokens),
+                      jnp.asarray(mask), jnp.asarray(rng.standard_normal(B), jnp.float32),
+                      jnp.asarray(rng.uniform(0.5, 1.0, B), jnp.float32))
+    graphdef, policy = T.init_policy(module, tx(), T.ar_trainable)
+    spec = T.ArSpec(graphdef, tx(), T.ArLossConfig(n_codes=n_codes, eos_id=eos_id, beta=0.05, chunk=64))
+    ref = jax.tree.map(lambda x: x + 0.01 * jnp.std(x) * jax.random.normal(jax.random.key(5), x.shape),
+                       policy.params)
+    return spec, T.init_train_state(jax.random.key(0), ar=policy), batch, ref
+
+
+def dit_case():
+    """Tiny DiT policy and a batch of 8 samples x 2 stored SDE transitions with random latents, glyphs, prior
+    ids, advantages and weights (micro-batches of 4 samples)."""
+    cfg, module = build(DIT_SLOT, 2)
+    rng = np.random.default_rng(1)
+    h, w, c = H // 8, W // 8, 16
+    x = rng.standard_normal((B, 2, h, w, c)).astype(np.float32)
+    x_next = x + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
+    start = rng.integers(0, 3, B)
+    steps = np.stack([start, start + 1], 1).astype(np.int32)
+    glyph = jnp.asarray(rng.standard_normal((B, 5, 32)), jnp.float32)
+    prior = jnp.asarray(rng.integers(0, 128, (B, (h // 2) * (w // 2))), jnp.int32)
+    sched = flow_schedule(4, H, W, scheduler_config())
+    batch = T.DitBatch(jnp.asarray(x), jnp.asarray(x_next), jnp.asarray(steps),
+                       jnp.asarray(rng.standard_normal(B), jnp.float32),
+                       jnp.asarray(rng.uniform(0.5, 1.0, B), jnp.float32), make_cond(glyph, prior, H, W),
+                       (sched.timesteps, sched.sigmas), jnp.asarray(0.7, jnp.float32))
+    graphdef, policy = T.init_policy(module, tx(), T.dit_trainable)
+    spec = T.DitSpec(graphdef, tx(), T.DitLossConfig(clip_range=1e-3, micro_batch=4))
+    return spec, T.init_train_state(jax.random.key(0), dit=policy), batch, None
+
+
+def copy_tree(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def host(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+_REF: dict = {}
+
+
+def reference(part: str):
+    """`(spec, ts0, batch, ref, metrics of 2 steps, params after 2 steps, initial params)` on one device by the
+    plain `train_step.*_update_jit` (computed once per part)."""
+    if part not in _REF:
+        spec, ts0, batch, ref = (ar_case if part == "ar" else dit_case)()
+        step = T.ar_update_jit if part == "ar" else T.dit_update_jit
+        ts, m1 = step(spec, copy_tree(ts0), batch, ref)
+        ts, m2 = step(spec, ts, batch, ref)
+        _REF[part] = (spec, ts0, batch, ref, [jax.device_get(m1), jax.device_get(m2)],
+                      host(getattr(ts, part).params), host(getattr(ts0, part).params))
+    return _REF[part]
+
+
+# ------------------------------------------------------------------------------------------- update steps
+
+
+@needs8
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("part", ["ar", "dit"])
+def test_update_is_the_same_on_every_mesh(part, mesh_name):
+    """Two donated, sharded update steps (AR: beta > 0 with a sharded reference; DiT: 2 micro-batches) give the
+    one-device loss, gradient norm and parameter updates to float32 rounding, and keep the rule shardings."""
+    spec, ts0, batch, ref, want_metrics, want_params, p0 = reference(part)
+    mesh = S.make_mesh(MESHES[mesh_name])
+    ts = S.shard_train_state(copy_tree(ts0), mesh)
+    step = S.ShardedUpdate(part, spec, mesh, ts)
+    metrics = []
+    for _ in range(2):
+        ts, m = step.update(ts, batch, ref)
+        metrics.append(jax.device_get(m))
+    for got, want in zip(metrics, want_metrics):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
+        assert got["grad_norm"] > 0
+    new = host(getattr(ts, part).params)
+    for x, w, x0 in zip(new, want_params, p0, strict=True):
+        upd, want_upd = x - x0, w - x0
+        assert np.abs(upd - want_upd).max() <= 1e-4 * np.abs(want_upd).max() + 1e-9
+    assert max(np.abs(w - x0).max() for w, x0 in zip(want_params, p0)) > 1e-4  # the params did move
+    want_sh = S.train_state_shardings(ts, mesh)
+    leaves = jax.tree.leaves(ts)
+    for x, s in zip(leaves, jax.tree.leaves(want_sh), strict=True):
+        assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
+    n_split = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(getattr(ts, part).params))
+    assert (n_split == 0) == (mesh_name == "data8")
+
+
+# -------------------------------------------------------------------------------------------- mesh, rules
+
+
+def test_mesh_config_fills_and_names_the_bad_field():
+    assert S.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert S.mesh_shape({"data": 1, "fsdp": -1}, 6) == {"data": 1, "fsdp": 6, "tensor": 1}
+    assert S.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    for cfg, field in [({"data": -1, "fsdp": 3}, r"mesh\.fsdp=3"), ({"data": -1, "fsdp": -1}, r"mesh\.fsdp=-1"),
+                       ({"data": 2, "fsdp": 2, "tensor": 1}, r"mesh\.fsdp=2"), ({"pipeline": 2}, r"mesh\.pipeline"),
+                       ({"data": 0}, r"mesh\.data=0"), ({"data": -1, "tensor": 16}, r"mesh\.tensor=16")]:
+        with pytest.raises(ValueError, match=field) as e:
+            S.mesh_shape(cfg, 8)
+        assert "\n" not in str(e.value)
+
+
+def spec_of(shardings, path: str) -> PartitionSpec:
+    flat = {S.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    return flat[path].spec
+
+
+# expected specs of the tiny AR / DiT params: (mesh, path) -> PartitionSpec
+AR_SPECS = {
+    "data2_fsdp2_tensor2": {
+        "lm_head.kernel": P("fsdp", "tensor"),                          # (embed 128, vocab 130)
+        "text.embed_tokens.embedding": P("tensor", "fsdp"),             # (vocab 400, embed 128)
+        "text.layers.0.mlp.gate_up_proj.kernel": P("fsdp"),             # fused [gate | up]: mlp not on tensor
+        "text.layers.0.mlp.down_proj.kernel": P("tensor", "fsdp"),      # (mlp 192, embed 128)
+        "text.layers.0.self_attn.k_proj.kernel": P("fsdp", "tensor"),
+        "text.layers.0.self_attn.k_proj.bias": P("tensor"),
+        "text.layers.0.input_layernorm.weight": P("fsdp"),
+        "visual.blocks.0.attn.qkv.kernel": P("fsdp"),                   # (embed, qkv): qkv replicated
+        "visual.patch_embed.proj.kernel": P(None, None, None, "fsdp"),  # (conv_h, conv_w, conv_in, embed)
+        "visual.embeddings.position_embedding.embedding": P(None, "fsdp"),
+        "vqmodel.quantize.embedding.embedding": P(),                    # (codebook, latent)
+    },
+    "fsdp8": {
+        "lm_head.kernel": P("fsdp"),
+        "text.embed_tokens.embedding": P(None, "fsdp"),
+        "text.layers.0.mlp.gate_up_proj.kernel": P("fsdp"),
+        "text.layers.0.mlp.down_proj.kernel": P(None, "fsdp"),
+        "text.layers.0.self_attn.k_proj.bias": P(),                     # tensor axis of size 1: dropped
+        "visual.patch_embed.proj.kernel": P(None, None, None, "fsdp"),
+    },
+}
+
+
+def abstract(slot: str):
+    return nnx.eval_shape(lambda: build(slot, 0)[1])
+
+
+@needs8
+def test_param_shardings_follow_the_rules():
+    """Specs of real params by hand from the rules; optimizer moments follow their params; odd sizes fall back
+    to the divisible prefix of their mesh axes (or replicate); a mesh axis is used once per array."""
+    ar = abstract(AR_SLOT)
+    for name, specs in AR_SPECS.items():
+        sh = S.param_shardings(ar, S.make_mesh(MESHES[name]))
+        for path, want in specs.items():
+            assert spec_of(sh, path) == want, (name, path, spec_of(sh, path), want)
+    mesh = S.make_mesh(MESHES["data2_fsdp2_tensor2"])
+    dit_sh = S.param_shardings(abstract(DIT_SLOT), S.make_mesh(MESHES["fsdp8"]))
+    assert spec_of(dit_sh, "transformer_blocks.0.norm1.linear.kernel") == P(None, "fsdp")   # (time 32, embed 384)
+    assert spec_of(dit_sh, "transformer_blocks.0.attn1.to_q.kernel") == P("fsdp")           # (embed 32, heads 32)
+    # optimizer state: mu / nu of the fused kernel carry its spec
+    _, policy = T.init_policy(build(AR_SLOT, 0)[1], tx(), T.ar_trainable)
+    flat = jax.tree_util.tree_flatten_with_path(S.tree_shardings(policy, mesh))[0]
+    gate = [s.spec for p, s in flat if S.path_str(p).endswith("gate_up_proj.kernel")]
+    assert len(gate) == 3 and all(s == P("fsdp") for s in gate)      # params, mu, nu
+    # odd sizes
+    odd = nnx.eval_shape(lambda: {"a": nnx.Param(jnp.zeros((12, 10)), axes=("embed", "mlp")),
+                                  "b": nnx.Param(jnp.zeros((12, 9)), axes=("embed", "mlp")),
+                                  "c": nnx.Param(jnp.zeros((8, 6)), axes=("mlp", "embed"))})
+    sh8 = S.tree_shardings(nnx.State(odd), S.make_mesh(MESHES["fsdp8"]))
+    assert sh8["a"].spec == P() and sh8["c"].spec == P()
+    sh = S.tree_shardings(nnx.State(odd), mesh)
+    assert (sh["a"].spec, sh["b"].spec, sh["c"].spec) == (P("fsdp", "tensor"), P("fsdp"), P("tensor", "fsdp"))
+    same = S.make_rules({"mlp": "fsdp"})
+    assert S.logical_spec(("embed", "mlp"), (128, 192), mesh, same) == P("fsdp")
+    m24 = S.make_mesh(MESHES["data2_fsdp4"])
+    assert S.batch_spec((8, 5), 0, m24) == P(("data", "fsdp"))
+    assert S.batch_spec((6, 5), 0, m24) == P("data")
+    assert S.batch_spec((1, 5), 0, m24) == P()
+    assert S.batch_spec((3, 8, 5), 1, m24) == P(None, ("data", "fsdp"))
+
+
+@needs8
+def test_fused_gate_up_kernel_keeps_gate_and_up_together():
+    """On a tensor-parallel mesh every device holds whole [gate | up] column blocks of the fused AR MLP kernel
+    (all 2 * intermediate columns for its rows), while the down projection is split over `tensor`; the update
+    on that mesh equals the one-device update (test_update_is_the_same_on_every_mesh)."""
+    mesh = S.make_mesh(MESHES["data2_fsdp2_tensor2"])
+    cfg, module = build(AR_SLOT, 0)
+    _, policy = T.init_policy(module, tx(), T.ar_trainable)
+    ts = S.shard_train_state(T.init_train_state(jax.random.key(0), ar=policy), mesh)
+    mlp = ts.ar.params["text"]["layers"][0]["mlp"]
+    inter = cfg.text.intermediate_size
+    for s in mlp["gate_up_proj"]["kernel"].get_value().addressable_shards:
+        assert s.data.shape == (cfg.text.hidden_size // 2, 2 * inter)
+    for s in mlp["down_proj"]["kernel"].get_value().addressable_shards:
+        assert s.data.shape == (inter // 2, cfg.text.hidden_size // 2)
+
+
+@needs8
+def test_batch_cache_and_activation_shardings():
+    mesh = S.make_mesh(MESHES["data2_fsdp2_tensor2"])
+    _, _, batch, _ = reference("ar")[:4]
+    sh = S.batch_shardings(batch, mesh)
+    assert sh.input_ids.spec == P(("data", "fsdp")) and sh.position_ids.spec == P(None, ("data", "fsdp"))
+    assert sh.old_logprobs is None and sh.advantages.spec == P(("data", "fsdp"))
+    placed = S.shard_batch(batch, mesh)
+    assert {s.data.shape[0] for s in placed.tokens.addressable_shards} == {B // 4}
+    half = S.select_rows(batch, slice(4, 8))
+    np.testing.assert_array_equal(half.position_ids, np.asarray(batch.position_ids)[:, 4:8])
+    _, _, dbatch, _ = dit_case()
+    dsh = S.batch_shardings(dbatch, mesh)
+    assert dsh.x.spec == P(("data", "fsdp")) and dsh.cond.glyph_BTD.spec == P(("data", "fsdp"))
+    assert dsh.sched[0].spec == P() and dsh.noise_level.spec == P()
+    from glm_jax.models.ar import KVCache
+    kv = jax.ShapeDtypeStruct((B, 2, 128, 32), jnp.float32)
+    cache = KVCache(k=(kv, kv), v=(kv, kv), valid=jax.ShapeDtypeStruct((B, 128), bool))
+    csh = S.kv_cache_shardings(cache, mesh)
+    assert csh.k[1].spec == P(("data", "fsdp"), "tensor") and csh.valid.spec == P(("data", "fsdp"))
+    x = jnp.ones((B, 6, 4))
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda a: S.constrain(a * 2, ("batch", None, "mlp")))(x)
+    assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    assert S.constrain(x, ("batch", None, None)) is x        # no mesh set: identity
