@@ -50,6 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--remat", default="dots")
     ap.add_argument("--samples-per-device", type=int, default=1)
+    ap.add_argument("--attention", default="", help="'' = cuDNN on GPU, else 'xla'")
     a = ap.parse_args()
     from glm_jax import sharding as S
     from glm_jax.grpo import optim as O
@@ -63,7 +64,8 @@ def main():
     res = {"device": device_info(), "remat": a.remat, "devices": n_dev}
     mesh = S.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     cfg = DiTConfig.from_hf(DIT_CONFIG)
-    attn = "cudnn" if jax.default_backend() == "gpu" else None
+    attn = a.attention or ("cudnn" if jax.default_backend() == "gpu" else None)
+    res["attention"] = attn
     t0 = time.time()
     dit = random_module(lambda: GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attn,
                                             rngs=nnx.Rngs(0)))
