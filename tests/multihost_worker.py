@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     gbatch = S.host_to_global(S.select_rows(jax.device_get(batch), rows), mesh)
     mine = distributed.local_rows(gbatch.advantages)
     assert mine[0] == rows and np.array_equal(mine[1], np.asarray(batch.advantages)[rows])
+    assert np.array_equal(distributed.gather_rows(mine[1] * 2), np.asarray(batch.advantages) * 2)  # host rewards
     step = S.ShardedUpdate("dit", spec, mesh, ts)
     losses = []
     for _ in range(3):
