@@ -364,13 +364,37 @@ def kv_cache_shardings(cache: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> 
     return type(cache)(**out)
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> jax.Array:
-    """`with_sharding_constraint` by logical names for large activations inside jitted code, under the mesh set
-    with `jax.set_mesh(mesh)`; the identity when no mesh is set (one device)."""
+# Activations: the model width is never split over `fsdp` (that axis carries the batch; the weights are gathered
+# to the activations, not the other way round); heads / MLP / vocab still follow `tensor`.
+ACTIVATION_RULES: Rules = make_rules({"embed": None})
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = ACTIVATION_RULES) -> jax.Array:
+    """`with_sharding_constraint` by logical names for large activations inside jitted code (e.g. the residual
+    stream `("batch", "length", "embed")`, q / k / v `("batch", "length", "heads", "head_dim")`), under the mesh
+    that `sharded_jit` / `ShardedUpdate` (or `jax.set_mesh(mesh)`) sets while tracing; the identity when no mesh
+    is set (one device). It pins the FSDP pattern (weights gathered per layer, activations split by samples)
+    where the partitioner would otherwise propagate the weights' layout into the activations."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh, rules))
+
+
+def sharded_jit(fn: Callable, mesh: Mesh, *, in_shardings: Any = None, out_shardings: Any = None,
+                donate_argnums: int | tuple[int, ...] = ()) -> Callable:
+    """`jax.jit(fn, in_shardings=..., out_shardings=..., donate_argnums=...)` called (and so traced) under
+    `jax.set_mesh(mesh)`, so that `constrain` calls inside `fn` apply (None: left to the partitioner). The
+    jitted function is `.jitted`."""
+    kw = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings)) if v is not None}
+    jitted = jax.jit(fn, donate_argnums=donate_argnums, **kw)
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    call.jitted = jitted
+    return call
 
 
 # ------------------------------------------------------------------------------------------ update steps
@@ -386,7 +410,7 @@ class ShardedUpdate:
 
     `ts` (concrete or abstract) fixes the train-state shardings (`train_state_shardings`); batch and reference
     shardings follow each call's shapes (`batch_shardings`, `tree_shardings`), one compilation per distinct
-    layout. The state is donated; outputs keep the input shardings and the metrics are replicated. The methods
+    layout. Traced under the mesh (`sharded_jit`), so `constrain` calls in the models apply. The state is donated; outputs keep the input shardings and the metrics are replicated. The methods
     mirror `train_step.*_update_jit`, `*_old_logprobs_jit` and `*_train_on_rollout`.
     """
 
@@ -410,15 +434,15 @@ class ShardedUpdate:
         if kind == "old":
             rows = batch.tokens if self.part == "ar" else batch.steps
             out = NamedSharding(self.mesh, batch_spec(np.shape(rows), 0, self.mesh, self.rules))
-            fn = jax.jit(lambda ts, b: old(spec, ts, b), in_shardings=(self.ts_shardings, batch_sh),
-                         out_shardings=out)
+            fn = sharded_jit(lambda ts, b: old(spec, ts, b), self.mesh, in_shardings=(self.ts_shardings, batch_sh),
+                             out_shardings=out)
         elif ref_sh is None:
-            fn = jax.jit(lambda ts, b: step(spec, ts, b), in_shardings=(self.ts_shardings, batch_sh),
-                         out_shardings=(self.ts_shardings, rep), donate_argnums=0)
+            fn = sharded_jit(lambda ts, b: step(spec, ts, b), self.mesh, in_shardings=(self.ts_shardings, batch_sh),
+                             out_shardings=(self.ts_shardings, rep), donate_argnums=0)
         else:
-            fn = jax.jit(lambda ts, b, r: step(spec, ts, b, r),
-                         in_shardings=(self.ts_shardings, batch_sh, ref_sh),
-                         out_shardings=(self.ts_shardings, rep), donate_argnums=0)
+            fn = sharded_jit(lambda ts, b, r: step(spec, ts, b, r), self.mesh,
+                             in_shardings=(self.ts_shardings, batch_sh, ref_sh),
+                             out_shardings=(self.ts_shardings, rep), donate_argnums=0)
         self._jits[key] = fn
         return fn
 

@@ -314,9 +314,11 @@ def test_batch_cache_and_activation_shardings():
     csh = S.kv_cache_shardings(cache, mesh)
     assert csh.k[1].spec == P(("data", "fsdp"), "tensor") and csh.valid.spec == P(("data", "fsdp"))
     x = jnp.ones((B, 6, 4))
-    with jax.set_mesh(mesh):
-        y = jax.jit(lambda a: S.constrain(a * 2, ("batch", None, "mlp")))(x)
+    y = S.sharded_jit(lambda a: S.constrain(a * 2, ("batch", None, "mlp")), mesh)(x)
     assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    # activations: the model width never takes `fsdp` (gathered weights, batch-split activations)
+    y = S.sharded_jit(lambda a: S.constrain(a[:1] * 2, ("batch", "length", "embed")), mesh)(x)
+    assert y.sharding.is_fully_replicated
     assert S.constrain(x, ("batch", None, None)) is x        # no mesh set: identity
 
 
