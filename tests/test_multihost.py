@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,3 +110,19 @@ def test_launcher_env_gpus_and_fail_fast(tmp_path):
     assert code == 3 and time.monotonic() - t < 20
     assert launch.main(["--nproc", "2", "--no-python", "--", sys.executable, "-c",
                         "import os; assert os.environ['JAX_NUM_PROCESSES'] == '2'"]) == 0
+
+
+def test_launcher_forwards_sigterm_to_every_process(tmp_path):
+    """SIGTERM to the launcher reaches both processes, which exit cleanly (as the trainer does after saving)."""
+    script = ("import os, signal, sys, time, pathlib; d = pathlib.Path(sys.argv[1]); i = os.environ['JAX_PROCESS_ID']\n"
+              "signal.signal(signal.SIGTERM, lambda *a: ((d / f'term{i}').write_text('x'), sys.exit(0)))\n"
+              "(d / f'ready{i}').write_text('x')\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "glm_jax.launch", "--nproc", "2", "--no-python", "--",
+                             sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=_env())
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert all((tmp_path / f"term{i}").exists() for i in range(2))
