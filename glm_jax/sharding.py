@@ -28,6 +28,11 @@ The result is the same either way (the partitioner keeps the math exact); the ru
 `(data, fsdp)` (the M-RoPE `position_ids` / `decode_positions` `[3, B, ...]` on their second dimension; the flow
 schedule and scalars replicated). With several processes, each contributes its own rows (`host_to_global`).
 
+**Activations.** `constrain(x, logical_axes)` pins a large activation by logical names (`ACTIVATION_RULES`: the
+model width of an activation never takes `fsdp`, which carries the samples), so FSDP weights are gathered layer
+by layer instead of the partitioner carrying their layout into the activations. It applies while a mesh is set:
+`ShardedUpdate` and `sharded_jit` trace under `jax.set_mesh(mesh)`.
+
 Results are the same on every mesh up to float32 reduction order (tested on 1 device, data=8, fsdp=8,
 data=2 x fsdp=4 and data=2 x fsdp=2 x tensor=2).
 """
