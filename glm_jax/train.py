@@ -528,6 +528,25 @@ def _first_last(history: list[dict], key: str, n: int = 10) -> tuple[float, floa
     return float(np.mean(vals[:k])), float(np.mean(vals[-k:]))
 
 
+def _check_single_device(cfg, log) -> None:
+    """The trainer runs on one device in this version (`glm_jax.sharding` provides the sharded update steps,
+    sharded loading and multi-process set-up, not yet used here): an explicit multi-device mesh is an error, and
+    extra visible devices are named in the log rather than silently idle."""
+    import jax
+
+    from glm_jax.config import ConfigError
+    for axis in ("data", "fsdp", "tensor"):
+        if int(cfg.mesh[axis]) > 1:
+            raise ConfigError(f"config.mesh.{axis}={cfg.mesh[axis]}: multi-device training is not available in "
+                              f"the trainer of this version (it trains on one device); leave the mesh at its "
+                              f"defaults")
+    if jax.process_count() > 1:
+        raise ConfigError("multi-process training is not available in the trainer of this version; run one process")
+    if jax.device_count() > 1:
+        log(f"note: {jax.device_count()} devices are visible; this version of the trainer uses one "
+            f"({jax.devices()[0]})")
+
+
 def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the training of `cfg` in `workdir`; returns `{"step", "history"}` (per-step metrics of
     this process). `stop_after` saves and stops after that step (as an interruption would)."""
@@ -543,6 +562,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
 
+    _check_single_device(cfg, log)
     os.makedirs(workdir, exist_ok=True)
     save_config(cfg, os.path.join(workdir, "config.json"))
     H, W = cfg.image.height, cfg.image.width
