@@ -42,6 +42,9 @@ from flax import nnx
 
 from glm_jax.models.layers import Dense, DType, RMSNorm, dtype_from_name, param
 from glm_jax.models.remat import layer_call
+from glm_jax.sharding import constrain
+
+STREAM_AXES = ("batch", "length", "embed")   # the residual stream, for `glm_jax.sharding.constrain`
 
 AttentionImpl = str | None  # None (let JAX pick), "xla" or "cudnn"
 
@@ -255,6 +258,8 @@ class TextAttention(nnx.Module):
                        index)
                 return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
             k, v = k_cache.swapaxes(1, 2).astype(q.dtype), v_cache.swapaxes(1, 2).astype(q.dtype)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k, v = (constrain(x, ("batch", "length", "kv_heads", "head_dim")) for x in (k, v))
         o = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None], scale=self.head_dim ** -0.5,
                                          implementation=self.implementation)
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
@@ -378,7 +383,7 @@ class GlmImageText(nnx.Module):
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             if cache is None:   # training / re-scoring: the only path that is differentiated
-                x, _ = layer_call(layer, self.remat, x, cos, sin, mask_BTS)
+                x, _ = layer_call(layer, self.remat, constrain(x, STREAM_AXES), cos, sin, mask_BTS)
                 continue
             x, kv = layer(x, cos, sin, mask_BTS, (cache.k[i], cache.v[i]), index)
             if kv is not None:

@@ -56,6 +56,11 @@ from flax import nnx
 
 from glm_jax.models.layers import Dense, DType, layer_norm, param
 from glm_jax.models.remat import check_policy, layer_call
+from glm_jax.sharding import constrain
+
+# logical axes of large activations, for `glm_jax.sharding.constrain` (the identity without a mesh)
+STREAM_AXES = ("batch", "length", "embed")
+QKV_AXES = ("batch", "length", "heads", "head_dim")
 
 LN_EPS = 1e-5
 ROPE_THETA = 10000.0
@@ -299,6 +304,8 @@ class Attention(nnx.Module):
             k_ref, v_ref = ref_kv
             k = jnp.concatenate([_expand_ref(k_ref, b).astype(k.dtype), k], axis=1)
             v = jnp.concatenate([_expand_ref(v_ref, b).astype(v.dtype), v], axis=1)
+        # under a mesh: q / k / v split by samples (and heads over `tensor`), as cuDNN's partitioner requires
+        q, k, v = (constrain(x, QKV_AXES) for x in (q, k, v))
         o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, implementation=self.implementation)
         o = self.to_out(o.astype(q.dtype).reshape(b, length, self.heads * self.head_dim))
         return o[:, :t], o[:, t:], stored
@@ -407,7 +414,8 @@ class GlmImageDiT(nnx.Module):
         txt = self.glyph_projector(glyph_BTD.astype(self.dtype))
         prior = self.prior_token_embedding(prior_ids_BN)
         prior = jnp.where(prior_drop_BN[..., None], jnp.zeros((), prior.dtype), prior)
-        img = img + self.prior_projector(prior)
+        img = constrain(img + self.prior_projector(prior), STREAM_AXES)
+        txt = constrain(txt, STREAM_AXES)
         temb = self.time_condition_embed(timestep_B, target_size_B2, crop_coords_B2)
 
         stored = []
@@ -415,6 +423,7 @@ class GlmImageDiT(nnx.Module):
             layer_ref = ref_kv[i] if kv_mode == "read" else None
             img, txt, kv = layer_call(block, self.remat, img, txt, temb, cos, sin, kv_mode, layer_ref,
                                       static_argnums=(5,))
+            img, txt = constrain(img, STREAM_AXES), constrain(txt, STREAM_AXES)
             stored.append(kv)
 
         out = self.proj_out(self.norm_out(img, temb))
