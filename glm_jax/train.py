@@ -27,6 +27,14 @@ zeroed (`adapters_off`), i.e. the base model, with no second copy of the base we
 **EMA** (`ema.decay > 0`): a float32 EMA of the trained params (`glm_jax.ema`), updated every `ema.every` steps,
 checkpointed with the state, used by evaluation and (on request) by `python -m glm_jax.export --ema`.
 
+**Mesh** (`config.mesh`, `glm_jax.sharding`): one process uses all its devices, laid out as `data x fsdp x
+tensor` (default `data=-1`: data parallelism over every device; e.g. `--config.mesh.data=1
+--config.mesh.fsdp=-1` for FSDP). With several devices the train state, references and EMA are sharded by the
+logical-axis rules, the updates are `sharding.ShardedUpdate`s (batches split over `data x fsdp`, so
+`train.groups_per_step x <part>.group_size` must be a multiple of it), and rollouts and evaluation run under the
+mesh; checkpoints restore into the same layout. One device runs as before. Several processes are not supported
+by the trainer yet (a one-line error).
+
 **Evaluation** every `log.eval_every` steps and at the end: the eval split's prompts are generated with the
 current policy (EMA params when the EMA is on) by AR sampling and the DiT ODE (`log.eval_num_steps`,
 `log.eval_guidance`) from a fixed seed, so successive evaluations are comparable; scored against the eval targets
@@ -48,6 +56,7 @@ its text decoder + head parameters, 2·N·tokens per reference forward).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -192,7 +201,8 @@ class TrainSetup:
     learning-rate schedules; `ts` the `TrainState` (trained params, frozen rest, optimizer states, step, RNG);
     `refs[part]` the reference params for `beta > 0` (a frozen copy, or `adapters_off` under LoRA); `ema[part]`
     the float32 EMA (absent when off); `lora[part]` the `LoraConfig` of LoRA runs; `forward_params[part]` the
-    parameter count of the trained module's forward (FLOP estimates); `trained_params[part]` what is optimised.
+    parameter count of the trained module's forward (FLOP estimates); `trained_params[part]` what is optimised;
+    `mesh` the device mesh the state is laid out on (None: one device).
     """
 
     parts: tuple[str, ...]
@@ -204,6 +214,7 @@ class TrainSetup:
     lora: dict
     forward_params: dict
     trained_params: dict
+    mesh: Any = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -219,10 +230,12 @@ def _count(tree) -> int:
     return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
 
 
-def build_train_state(cfg, stack, *, log=print) -> TrainSetup:
+def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
     """Builds the policies of the trained components from `stack` (LoRA adapters added first when enabled), their
     optimizers, references, EMA and the initial `TrainState`. A trained component's module leaves `stack` (the
-    state owns its buffers and the update steps donate them); use `current_split` to run it."""
+    state owns its buffers and the update steps donate them); use `current_split` to run it. With a `mesh` of
+    several devices the state, references and EMA are laid out on it by the logical-axis rules
+    (`glm_jax.sharding`); otherwise they are committed to the first device."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -278,10 +291,16 @@ def build_train_state(cfg, stack, *, log=print) -> TrainSetup:
         log(f"{part}: {trained[part]:,} trained parameters"
             + (f" (LoRA on a {fwd[part]:,}-parameter model)" if lora_cfg is not None else ""))
     ts = T.init_train_state(jax.random.key(cfg.seed), ar=policies.get("ar"), dit=policies.get("dit"))
-    # placement: committed to one device, as a restored checkpoint is (same jit cache entries before and after a
-    # resume); a mesh's shardings go here
-    ts, refs, ema = jax.device_put((ts, refs, ema), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    return TrainSetup(parts, specs, lr_fns, ts, refs, ema, loras, fwd, trained)
+    if mesh is None or mesh.size == 1:
+        # one device: committed to it, as a restored checkpoint is (same jit cache entries before and after a
+        # resume)
+        ts, refs, ema = jax.device_put((ts, refs, ema), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    else:
+        from glm_jax import sharding as S
+        ts = S.shard_train_state(ts, mesh)
+        refs = S.place(refs, S.tree_shardings(refs, mesh))
+        ema = S.place(ema, S.tree_shardings(ema, mesh))
+    return TrainSetup(parts, specs, lr_fns, ts, refs, ema, loras, fwd, trained, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,10 +319,19 @@ class Steps:
 
 def make_steps(setup: TrainSetup, cfg) -> Steps:
     """The update functions of the trained components (`train_step.*_train_on_rollout`, jitted there with the
-    state donated), bound to their specs, inner epochs and references."""
+    state donated), bound to their specs, inner epochs and references. On a mesh of several devices they are
+    `sharding.ShardedUpdate`s (explicit state / batch / reference shardings, the batch split over `data x fsdp`)."""
     from glm_jax.grpo import train_step as T
 
     def bind(part):
+        if setup.mesh is not None and setup.mesh.size > 1:
+            from glm_jax import sharding as S
+            sharded = S.ShardedUpdate(part, setup.specs[part], setup.mesh, setup.ts)
+
+            def sharded_update(ts, batch):
+                ts, ms = sharded.train_on_rollout(ts, batch, cfg.train.num_iterations, setup.refs.get(part))
+                return ts, ms[-1]
+            return sharded_update
         fn = T.ar_train_on_rollout if part == "ar" else T.dit_train_on_rollout
 
         def update(ts, batch):
@@ -528,23 +556,39 @@ def _first_last(history: list[dict], key: str, n: int = 10) -> tuple[float, floa
     return float(np.mean(vals[:k])), float(np.mean(vals[-k:]))
 
 
-def _check_single_device(cfg, log) -> None:
-    """The trainer runs on one device in this version (`glm_jax.sharding` provides the sharded update steps,
-    sharded loading and multi-process set-up, not yet used here): an explicit multi-device mesh is an error, and
-    extra visible devices are named in the log rather than silently idle."""
+def make_train_mesh(cfg, log=print):
+    """The device mesh of `config.mesh` over this process's devices (`sharding.make_mesh`), logged with the devices
+    it uses (when several). A mesh that does not fit the devices, several processes, or update batches that do not split over the
+    batch axes `data x fsdp` are one-line `ConfigError`s naming the field."""
     import jax
 
+    from glm_jax import sharding as S
     from glm_jax.config import ConfigError
-    for axis in ("data", "fsdp", "tensor"):
-        if int(cfg.mesh[axis]) > 1:
-            raise ConfigError(f"config.mesh.{axis}={cfg.mesh[axis]}: multi-device training is not available in "
-                              f"the trainer of this version (it trains on one device); leave the mesh at its "
-                              f"defaults")
     if jax.process_count() > 1:
         raise ConfigError("multi-process training is not available in the trainer of this version; run one process")
-    if jax.device_count() > 1:
-        log(f"note: {jax.device_count()} devices are visible; this version of the trainer uses one "
-            f"({jax.devices()[0]})")
+    try:
+        mesh = S.make_mesh(cfg.mesh)
+    except ValueError as e:
+        field, _, why = str(e).partition(": ")
+        if jax.device_count() == 1 and "does not fit" in why:
+            raise ConfigError(f"config.{field}: multi-device training is not available with the one visible device "
+                              f"({jax.devices()[0]}): {why}") from None
+        raise ConfigError(f"config.{e}") from None
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    n_batch = sizes["data"] * sizes["fsdp"]
+    for part in ("ar", "dit"):
+        if cfg.component not in (part, "both"):
+            continue
+        rows = cfg.train.groups_per_step * cfg[part].group_size
+        if rows % n_batch:
+            raise ConfigError(f"config.train.groups_per_step={cfg.train.groups_per_step} x config.{part}.group_size="
+                              f"{cfg[part].group_size} = {rows} samples per {part} update do not split over the "
+                              f"mesh's batch axes data x fsdp = {n_batch}; make them a multiple of {n_batch}")
+    if mesh.size > 1:
+        kinds = sorted({d.device_kind for d in mesh.devices.flat})
+        log(f"mesh: {' x '.join(f'{a}={n}' for a, n in sizes.items())} over {mesh.size} devices "
+            f"({', '.join(kinds)}: {', '.join(str(d) for d in mesh.devices.flat)})")
+    return mesh
 
 
 def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dict:
@@ -562,7 +606,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
 
-    _check_single_device(cfg, log)
+    mesh = make_train_mesh(cfg, log)
     os.makedirs(workdir, exist_ok=True)
     save_config(cfg, os.path.join(workdir, "config.json"))
     H, W = cfg.image.height, cfg.image.width
@@ -603,7 +647,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     dit_cfg = stack.dit.merge().cfg
     image_token_id = stack.ar.merge().cfg.image_token_id
 
-    setup = build_train_state(cfg, stack, log=log)
+    setup = build_train_state(cfg, stack, log=log, mesh=mesh)
     steps = make_steps(setup, cfg)
     make = BatchMaker(cfg, stack, setup, max_len=max_len, max_glyph=max_glyph, n_sources=n_sources, dtype=dtype,
                       image_token_id=image_token_id)
@@ -640,6 +684,9 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             if history:
                 history[-1].update(m)
 
+    # rollouts, evaluation and updates see the mesh (the models' `sharding.constrain` calls apply under it)
+    on_mesh = jax.set_mesh(mesh) if mesh.size > 1 else contextlib.nullcontext()
+    on_mesh.__enter__()
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t_iter = time.perf_counter()
@@ -752,6 +799,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or last:
                 run_eval(step)
     finally:
+        on_mesh.__exit__(None, None, None)
         ckpt.close()
         monitor.close()
         stop.restore_handlers()

@@ -1,0 +1,119 @@
+"""`python -m glm_jax.train` on a mesh of several devices (4 forced CPU devices in a subprocess): two FSDP steps of
+the tiny T2I DiT run give the trained params of the one-device run (fp32 tolerance), the second step after a
+resume from the checkpoint restored into the sharded state; a mesh that does not fit the devices and update batches
+that do not split over the batch axes stop with one line naming the field."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from glm_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny shapes (the `FAST` set of tests/test_train.py), no evaluation, a checkpoint every step
+ARGS = ["--config.train.steps=2", "--config.dit.num_steps=4", "--config.dit.group_size=2",
+        "--config.log.images_every=0", "--config.log.eval_every=0", "--config.checkpoint.every=1"]
+SPEC = "configs/t2i.py:tiny,dit"
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _script(devices: int, body: str) -> subprocess.Popen:
+    code = "import sys\nfrom glm_jax import train\n" + textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _params(work, step: int) -> np.ndarray:
+    """The trained params of `work`'s checkpoint at `step`, flattened in path order (restored onto this process's
+    first device whatever mesh saved them)."""
+    import jax
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.path.join(work, "checkpoints", str(step), "state"))
+    ckpt = ocp.StandardCheckpointer()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          ckpt.metadata(path).item_metadata)
+    tree = ckpt.restore(path, target)["dit"]["params"]
+    leaves = sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda kv: jax.tree_util.keystr(kv[0]))
+    return np.concatenate([np.asarray(v, np.float64).ravel() for _, v in leaves])
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 2-step run on a 4-device mesh (`data=1 x fsdp=4`; stopped after step 1 and resumed) in a
+    subprocess, and on one device in this process, concurrently (training data without an eval split)."""
+    import jax
+    root = tmp_path_factory.mktemp("sharded")
+    data = root / "data"
+    data.mkdir()
+    shutil.copy(os.path.join(ROOT, "data", "t2i", "prompts.txt"), data)
+    shutil.copytree(os.path.join(ROOT, "data", "t2i", "target_images"), data / "target_images")
+    args = [*ARGS, f"--config.data.path={data}"]
+    sharded, single = root / "fsdp4", root / "one"
+    proc = _script(4, f"""
+        from glm_jax.config import apply_overrides, load_config, validate
+        args = {[*args, "--config.mesh.data=1", "--config.mesh.fsdp=4"]!r}
+        cfg = validate(apply_overrides(load_config({SPEC!r}), dict(a[9:].split("=", 1) for a in args)))
+        train.train(cfg, {str(sharded)!r}, log=lambda m: print(m, file=sys.stderr), stop_after=1)
+        assert train.main(["--config", {SPEC!r}, "--workdir", {str(sharded)!r}, *args]) == 0
+    """)
+    try:
+        if jax.device_count() == 1:
+            assert train.main(["--config", SPEC, "--workdir", str(single), *args, "--config.mesh.data=1"]) == 0
+        else:           # this process sees several devices: the one-device run needs its own process
+            one = _script(1, f"""
+                assert train.main(["--config", {SPEC!r}, "--workdir", {str(single)!r}, *{args!r},
+                                   "--config.mesh.data=1"]) == 0
+            """)
+            err = one.communicate(timeout=600)[1]
+            assert one.returncode == 0, err[-3000:]
+        err = proc.communicate(timeout=600)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    return sharded, single, err
+
+
+def test_fsdp_mesh_trains_as_one_device(runs):
+    sharded, single, err = runs
+    assert err.count("mesh: data=1 x fsdp=4 x tensor=1 over 4 devices") == 2
+    assert "resumed from" in err and "at step 1" in err and "step 2/2" in err
+    ref1, ref2 = _params(single, 1), _params(single, 2)
+    assert _rel(ref1, ref2) > 1e-3          # the second update moves the params far more than the tolerance
+    assert _rel(_params(sharded, 1), ref1) < 1e-5
+    assert _rel(_params(sharded, 2), ref2) < 1e-5      # after a restore into the sharded state
+
+
+def test_mesh_errors_are_one_line():
+    proc = _script(4, f"""
+        for extra in (["--config.mesh.fsdp=3"], ["--config.mesh.data=1", "--config.mesh.fsdp=4",
+                                                  "--config.train.groups_per_step=1"]):
+            assert train.main(["--config", {SPEC!r}, "--workdir", "/nonexistent/never", *{ARGS!r}, *extra]) == 2
+            print("---", file=sys.stderr)
+    """)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err[-3000:]
+    fit, split = [e.strip() for e in err.split("---")[:2]]         # each call's whole stderr
+    for e in (fit, split):
+        assert e.startswith("error:") and "\n" not in e, e
+    assert "config.mesh.fsdp=3: the mesh data=-1 x fsdp=3 x tensor=1 does not fit the 4 devices" in fit, fit
+    assert "config.train.groups_per_step=1 x config.dit.group_size=2" in split and "data x fsdp = 4" in split, split
