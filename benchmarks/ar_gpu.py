@@ -50,9 +50,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_torch():
+def build_torch(config: dict | None = None):
+    """transformers' AR with random bf16 weights on the benchmark device (`config`: default the real AR config)."""
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
-    cfg = GlmImageConfig(**{k: v for k, v in AR_CONFIG.items() if k not in ("model_type", "architectures")})
+    config = AR_CONFIG if config is None else config
+    cfg = GlmImageConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})
     torch.manual_seed(0)
     with torch.device(DEV):
         model = GlmImageForConditionalGeneration._from_config(cfg, torch_dtype=torch.bfloat16).eval()

@@ -75,11 +75,8 @@ def prompts(cfg: ArConfig, batch: int, layout: ArLayout, rng):
 
 
 def run_ar(res: dict, batches: list[int], with_torch: bool = True) -> None:
-    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
-    hf_cfg = GlmImageConfig(**{k: v for k, v in AR_CONFIG.items() if k not in ("model_type", "architectures")})
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        tm = GlmImageForConditionalGeneration._from_config(hf_cfg, torch_dtype=torch.bfloat16).eval()
+    from benchmarks.ar_gpu import build_torch
+    tm = build_torch(AR_CONFIG)
     from conversion.tables.ar import RULES
     cfg = ArConfig.from_hf(AR_CONFIG)
     jm = module_from_torch(tm, RULES, lambda: GlmImageAR(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,

@@ -149,8 +149,7 @@ def ar_flops(cfg, tokens_per_seq: int, n_seq: int) -> float:
 
 
 def run_ar(res: dict, layers: int, batch: int, micro: int, policies: list[str]) -> None:
-    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
-
+    from benchmarks.ar_gpu import build_torch
     from benchmarks.rollout_gpu import prompts
     from conversion.tables.ar import RULES
     from glm_jax.grpo import optim as O
@@ -173,10 +172,7 @@ def run_ar(res: dict, layers: int, batch: int, micro: int, policies: list[str]) 
     res.update(ar_layers=layers, ar_batch=batch, ar_micro_batch=micro, ar_tokens_per_seq=seq,
                ar_update_tflop=flops / 1e12)
 
-    hf_cfg = GlmImageConfig(**{k: v for k, v in conf.items() if k not in ("model_type", "architectures")})
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        tm = GlmImageForConditionalGeneration._from_config(hf_cfg, torch_dtype=torch.bfloat16)
+    tm = build_torch(conf).train()
     jm = module_from_torch(tm, RULES, lambda: GlmImageAR(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                                           rngs=nnx.Rngs(0), implementation=ATTN))
 

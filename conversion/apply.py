@@ -47,29 +47,42 @@ def convert_tensors(tensors: Iterable[tuple[str, Callable[[], np.ndarray], tuple
     a wrong shape, or (after the stream ends) a missing parameter.
     """
     seen: set[str] = set()
+    shapes = {p: tuple(s.shape) for p, s in expected.items()}
     for key, load, shape, fname in tensors:
         if ignore(key):
             continue
-        hit = find_torch(rules, key)
-        if hit is None:
-            raise ConversionError(f"{fname}: unexpected key {key!r} (no rule in the key table maps it)")
-        path, rule = hit
-        if path not in expected:
-            raise ConversionError(f"{fname}: key {key!r} maps to {path!r}, which the model configured by "
-                                  f"config.json does not have")
-        want = tuple(expected[path].shape)
-        got = torch_shape_to_jax(tuple(shape), rule.transform)
-        if got != want:
-            raise ConversionError(f"{fname}: tensor {key!r} has shape {tuple(shape)}, expected "
-                                  f"{torch_shape_for(want, rule.transform)} from config.json")
-        if path in seen:
-            raise ConversionError(f"{fname}: key {key!r} appears twice")
+        path, rule = resolve_key(rules, key, shape, shapes, seen, fname)
         seen.add(path)
         yield path, torch_to_jax_array(load(), rule.transform)
-    missing = sorted(set(expected) - seen)
+    check_complete(rules, shapes, seen, source)
+
+
+def resolve_key(rules: list[Rule], key: str, shape, expected: dict[str, tuple], seen, fname: str
+                ) -> tuple[str, Rule]:
+    """`(jax path, rule)` of a torch tensor, with the conversion's one-line errors (naming `fname` and the key):
+    no rule maps it, the configured model has no such parameter, wrong shape, or a path already in `seen`."""
+    hit = find_torch(rules, key)
+    if hit is None:
+        raise ConversionError(f"{fname}: unexpected key {key!r} (no rule in the key table maps it)")
+    path, rule = hit
+    if path not in expected:
+        raise ConversionError(f"{fname}: key {key!r} maps to {path!r}, which the model configured by "
+                              f"config.json does not have")
+    want = tuple(expected[path])
+    if torch_shape_to_jax(tuple(shape), rule.transform) != want:
+        raise ConversionError(f"{fname}: tensor {key!r} has shape {tuple(shape)}, expected "
+                              f"{torch_shape_for(want, rule.transform)} from config.json")
+    if path in seen:
+        raise ConversionError(f"{fname}: key {key!r} appears twice")
+    return path, rule
+
+
+def check_complete(rules: list[Rule], expected, seen, source: str) -> None:
+    """Raises `ConversionError` naming up to 5 torch keys of the expected parameters that were never seen."""
+    missing = sorted(set(expected) - set(seen))
     if missing:
         keys = [find_jax(rules, p) for p in missing[:5]]
-        names = [k[0] if k else p for k, p in zip(keys, missing[:5])]
+        names = [k[0] if k else p for k, p in zip(keys, missing[:5], strict=True)]
         raise ConversionError(f"{source}: missing {len(missing)} tensor(s), e.g. {names}")
 
 

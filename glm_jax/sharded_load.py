@@ -33,16 +33,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from conversion.apply import ConversionError, path_str
+from conversion.apply import ConversionError, check_complete, path_str, resolve_key
 from conversion.safetensors_io import SafetensorsFile, list_weight_files
 from conversion.table import (
     CONV,
     LINEAR,
     Rule,
-    find_jax,
-    find_torch,
-    torch_shape_for,
-    torch_shape_to_jax,
     torch_to_jax_array,
 )
 from glm_jax.sharding import FUSED_AXES, LOGICAL_RULES, Rules, _unsplit_for, logical_spec, variable_axes
@@ -150,25 +146,9 @@ def _index_tensors(files: list[_File], rules: list[Rule], expected: dict[str, tu
         for key in f.st.keys():  # noqa: SIM118 (SafetensorsFile is not a dict)
             if key in ignore:
                 continue
-            hit = find_torch(rules, key)
-            if hit is None:
-                raise ConversionError(f"{f.path}: unexpected key {key!r} (no rule in the key table maps it)")
-            path, rule = hit
-            if path not in expected:
-                raise ConversionError(f"{f.path}: key {key!r} maps to {path!r}, which the model configured by "
-                                      f"config.json does not have")
-            shape = tuple(f.st.info(key).shape)
-            if torch_shape_to_jax(shape, rule.transform) != expected[path]:
-                raise ConversionError(f"{f.path}: tensor {key!r} has shape {shape}, expected "
-                                      f"{torch_shape_for(expected[path], rule.transform)} from config.json")
-            if path in out:
-                raise ConversionError(f"{f.path}: key {key!r} appears twice")
+            path, rule = resolve_key(rules, key, f.st.info(key).shape, expected, out, f.path)
             out[path] = (f, key, rule)
-    missing = sorted(set(expected) - set(out))
-    if missing:
-        keys = [find_jax(rules, p) for p in missing[:5]]
-        names = [k[0] if k else p for k, p in zip(keys, missing[:5])]
-        raise ConversionError(f"{source}: missing {len(missing)} tensor(s), e.g. {names}")
+    check_complete(rules, expected, out, source)
     return out
 
 

@@ -274,15 +274,7 @@ class TextAttention(nnx.Module):
             y = y + jnp.concatenate([p.bias[...].astype(dt) for p in ps])
         n_q, n_k = self.q_proj.out_features, self.k_proj.out_features
         parts = (y[..., :n_q], y[..., n_q:n_q + n_k], y[..., n_q + n_k:])
-        return tuple(o + _lora_delta(p, x_BTD) for o, p in zip(parts, ps, strict=True))
-
-
-def _lora_delta(p: Dense, x: jax.Array):
-    """The LoRA term of a `Dense` (0 without adapters), as `Dense.__call__` adds it."""
-    if p.lora_a is None:
-        return 0
-    x = x.astype(p.dtype)
-    return jnp.dot(p.lora_scale * jnp.dot(x, p.lora_a[...].astype(p.dtype)), p.lora_b[...].astype(p.dtype))
+        return tuple(o + p.lora_delta(x_BTD) for o, p in zip(parts, ps, strict=True))
 
 
 def decode_attention(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BS: jax.Array,

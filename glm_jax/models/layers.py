@@ -52,10 +52,14 @@ class Dense(nnx.Module):
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:
-            xa = jnp.dot(x, self.lora_a[...].astype(self.dtype))
-            y = y + jnp.dot(self.lora_scale * xa, self.lora_b[...].astype(self.dtype))
-        return y
+        return y + self.lora_delta(x)
+
+    def lora_delta(self, x: jax.Array):
+        """The adapters' term `lora_scale * (x @ lora_a) @ lora_b` in `dtype` (0 without adapters)."""
+        if self.lora_a is None:
+            return 0
+        xa = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+        return jnp.dot(self.lora_scale * xa, self.lora_b[...].astype(self.dtype))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
