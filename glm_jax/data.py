@@ -29,7 +29,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -413,7 +413,10 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
 @dataclass(frozen=True)
 class Batch:
     """This process's slice of one global batch. Images are uint8 RGB `[H, W, 3]` as stored (sizes may differ);
-    `sources[j]` lists example j's source images (empty for T2I). `valid[j]` is False for padding (eval only)."""
+    `sources[j]` lists example j's source images (empty for T2I). `valid[j]` is False for padding (eval only).
+    `rows` is the slice's place in the global batch, `global_prompts` the prompts of the whole global batch (no
+    I/O: every process computes the same global conditioning from them) and `global_sources` its sources when the
+    iterator was made with `global_sources=True` (with one process: the same objects as `sources`)."""
 
     prompts: tuple[str, ...]
     targets: tuple[np.ndarray, ...]
@@ -422,6 +425,9 @@ class Batch:
     valid: np.ndarray              # bool
     epoch: int
     position: int                  # the global batch's index within its epoch
+    rows: slice = field(default_factory=lambda: slice(None))   # its rows within the global batch
+    global_prompts: tuple[str, ...] = ()                        # the prompts of the whole global batch
+    global_sources: tuple[tuple[np.ndarray, ...], ...] = ()     # ... and their sources (`global_sources=True`)
 
 
 class DataIterator:
@@ -437,7 +443,7 @@ class DataIterator:
 
     def __init__(self, dataset: Dataset, groups_per_batch: int, *, seed: int = 0, shuffle: bool = True,
                  repeat: bool = True, drop_remainder: bool = True, process_index: int = 0, process_count: int = 1,
-                 load_images: bool = True, workers: int | None = None):
+                 load_images: bool = True, workers: int | None = None, global_sources: bool = False):
         b, n = groups_per_batch, len(dataset)
         if b < 1:
             raise DataError([f"groups_per_batch must be >= 1, got {b}"])
@@ -451,6 +457,7 @@ class DataIterator:
         self.seed, self.shuffle, self.repeat, self.drop_remainder = int(seed), shuffle, repeat, drop_remainder
         self.process_index, self.process_count = process_index, process_count
         self.load_images, self.workers = load_images, workers or min(8, os.cpu_count() or 1)
+        self.global_sources = global_sources
         self.batches_per_epoch = n // b if drop_remainder else -(-n // b)
         self.epoch, self.position = 0, 0
         self._order: tuple[int, np.ndarray] | None = None
@@ -509,22 +516,29 @@ class DataIterator:
                 raise StopIteration
             self.epoch, self.position = self.epoch + 1, 0
         idx, valid = self.global_indices(self.epoch, self.position)
-        sl = self.local_slice()
-        batch = self._make(idx[sl], valid[sl], self.epoch, self.position)
+        batch = self._make(idx, valid, self.local_slice(), self.epoch, self.position)
         self.position += 1
         return batch
 
-    def _make(self, idx: np.ndarray, valid: np.ndarray, epoch: int, position: int) -> Batch:
-        exs = [self.dataset[int(i)] for i in idx]
+    def _make(self, idx_g: np.ndarray, valid_g: np.ndarray, sl: slice, epoch: int, position: int) -> Batch:
+        everyone = [self.dataset[int(i)] for i in idx_g]
+        exs = everyone[sl]
+        idx, valid = idx_g[sl], valid_g[sl]
+        all_sources = self.global_sources and self.process_count > 1
+        targets, sources, global_sources = (), (), ()
         if self.load_images:
-            paths = sorted({p for e in exs for p in (e.target, *e.sources)})
+            paths = {p for e in exs for p in (e.target, *e.sources)}
+            if all_sources:
+                paths |= {s for e in everyone for s in e.sources}
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                img = dict(zip(paths, pool.map(read_image, paths)))
+                img = dict(zip(sorted(paths), pool.map(read_image, sorted(paths))))
             targets = tuple(img[e.target] for e in exs)
             sources = tuple(tuple(img[s] for s in e.sources) for e in exs)
-        else:
-            targets, sources = (), ()
-        return Batch(tuple(e.prompt for e in exs), targets, sources, idx.copy(), valid.copy(), epoch, position)
+            if self.global_sources:
+                global_sources = (tuple(tuple(img[s] for s in e.sources) for e in everyone) if all_sources
+                                  else sources)
+        return Batch(tuple(e.prompt for e in exs), targets, sources, idx.copy(), valid.copy(), epoch, position,
+                     rows=sl, global_prompts=tuple(e.prompt for e in everyone), global_sources=global_sources)
 
 
 def train_iterator(dataset: Dataset, groups_per_batch: int, *, seed: int = 0, shuffle: bool = True,

@@ -161,6 +161,44 @@ def gather_rows(local: Any) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
+def own_rows(x, rows: slice) -> np.ndarray:
+    """Rows `rows` of a global array `x` (sharded on its first dimension or replicated) as a host array on this
+    process: read from the shards it holds when they cover `rows` (no communication), else gathered from the
+    processes that hold them (every process must call it then, as for any collective)."""
+    start, stop, _ = rows.indices(x.shape[0])
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)[start:stop]
+    have: dict[tuple[int, int], Any] = {}
+    for s in x.addressable_shards:
+        a, b, _ = s.index[0].indices(x.shape[0]) if s.index else (0, x.shape[0], 1)
+        have.setdefault((a, b), s.data)
+    covered, parts, at = True, [], start
+    for (a, b) in sorted(have):
+        if a <= at < b:
+            parts.append(np.asarray(have[(a, b)])[at - a:min(b, stop) - a])
+            at = min(b, stop)
+    covered = at >= stop
+    # every process decides the same way (shardings are global), so the gather below is entered by all or none
+    everywhere = bool(np.all(_gather_flags(covered)))
+    if everywhere:
+        return np.concatenate(parts, axis=0) if parts else np.asarray(have[next(iter(have))])[:0]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))[start:stop]
+
+
+def _gather_flags(flag: bool) -> np.ndarray:
+    if process_count() == 1:
+        return np.asarray([flag])
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32), tiled=True)).astype(bool)
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on any process (a collective: every process calls it at the same point), e.g.
+    a stop signal seen by one process, so that all stop after the same step."""
+    return bool(np.any(_gather_flags(bool(flag))))
+
+
 def sync(name: str) -> None:
     """A barrier across processes (e.g. before process 0 reads files the others wrote)."""
     if process_count() > 1:

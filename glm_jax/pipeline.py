@@ -81,14 +81,16 @@ class GlmImageStack:
 
     @classmethod
     def load(cls, ckpt: str, *, dtype=jnp.float32, param_dtype=None, components=("ar", "dit", "vae", "t5"),
-             dit_remat: str = "none", attention: str | None = None, shardings=None, ar_remat: str = "none"
-             ) -> GlmImageStack:
+             dit_remat: str = "none", attention: str | None = None, shardings=None, ar_remat: str = "none",
+             mesh=None) -> GlmImageStack:
         """Loads a glm_jax checkpoint directory.
 
         `dtype` is the compute dtype of the AR and DiT (the VAE and T5 keep float32 compute, brief §6);
         `param_dtype=None` keeps the stored parameter dtypes. `dit_remat` / `ar_remat` set the DiT blocks' / AR
         text layers' rematerialisation policy (`glm_jax.models.remat`) for training; `attention` the `dot_product_attention` implementation of
-        the DiT. `components` picks which of ar / dit / vae / t5 to load.
+        the DiT. `components` picks which of ar / dit / vae / t5 to load. `mesh`: every parameter is restored
+        straight into its logical-axis sharding on that mesh (`glm_jax.sharded_load`; each process reads only
+        its shards), as a multi-device trainer needs.
         """
         from glm_jax.checkpoint import load_model
         from glm_jax.models.remat import check_policy
@@ -99,8 +101,13 @@ class GlmImageStack:
             if name not in SLOTS:
                 raise ValueError(f"unknown component {name!r}; expected some of {sorted(SLOTS)}")
             comp_dtype = dtype if name in ("ar", "dit") else jnp.float32
-            cfg, module = load_model(ckpt, SLOTS[name], dtype=comp_dtype, param_dtype=param_dtype,
-                                     shardings=shardings)
+            if mesh is not None:
+                from glm_jax.sharded_load import load_checkpoint_sharded
+                cfg, module = load_checkpoint_sharded(ckpt, SLOTS[name], mesh, dtype=comp_dtype,
+                                                      param_dtype=param_dtype)
+            else:
+                cfg, module = load_model(ckpt, SLOTS[name], dtype=comp_dtype, param_dtype=param_dtype,
+                                         shardings=shardings)
             if name == "dit":
                 module.remat = check_policy(dit_remat)
                 if attention:

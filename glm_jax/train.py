@@ -409,8 +409,9 @@ def ar_update_flops(n_params: int, *, tokens: int, beta: float, num_iterations: 
 
 @dataclasses.dataclass
 class Prepared:
-    """One host batch made ready for the rollouts: prompt texts, padded `ArPrompts` (I2I: source codes inserted),
-    padded glyph conditions, the I2I reference K/V (batch P) and the first source of each prompt (rewards)."""
+    """One global batch made ready for the rollouts: prompt texts, padded `ArPrompts` (I2I: source codes
+    inserted), padded glyph conditions, the I2I reference K/V (batch P) and the first source of each prompt
+    (rewards)."""
 
     prompts: list[str]
     arp: Any
@@ -421,7 +422,9 @@ class Prepared:
 
 
 class BatchMaker:
-    """Turns data batches into `Prepared` batches with the run's static shapes."""
+    """Turns data batches into `Prepared` batches with the run's static shapes. The conditioning is made for
+    the whole global batch (`Batch.global_prompts` / `global_sources`), the same on every process: the rollouts
+    are one computation over the mesh, split over its batch axes."""
 
     def __init__(self, cfg, stack, setup: TrainSetup, *, max_len: int, max_glyph: int, n_sources: int, dtype,
                  image_token_id: int):
@@ -434,11 +437,11 @@ class BatchMaker:
         from glm_jax.pipeline import ar_prompts_from_batch, glyph_conditions
         cfg, stack = self.cfg, self.stack
         H, W = cfg.image.height, cfg.image.width
-        prompts = list(batch.prompts)
+        prompts = list(batch.global_prompts or batch.prompts)
         t0 = time.perf_counter()
         ref_kv = first = None
         if self.n_sources:
-            sources = resize_sources(batch.sources, H, W)
+            sources = resize_sources(batch.global_sources or batch.sources, H, W)
             pb = stack.prompts.build_i2i(prompts, sources, H, W)
             ar = current_split(self.setup, stack, "ar", use_ema=use_ema)
             codes = R.source_codes(ar, pb.pixel_values, pb.source_grids_flat)
@@ -465,11 +468,13 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
              *, log=print) -> dict[str, float]:
     """Generates the eval prompts with the current policy (EMA params when on; AR sampling + DiT ODE from a
     fixed seed), scores them against the eval targets with each trained component's reward set, logs
-    `eval/<part>/...` and saves the grid as `workdir/eval/step_<N>.png`. Returns the metrics."""
+    `eval/<part>/...` and saves the grid as `workdir/eval/step_<N>.png`. Returns the metrics. With several
+    processes each scores its own rows (the metrics are over all of them); the grid shows process 0's."""
     import jax
     import jax.numpy as jnp
 
     from glm_jax import data as D
+    from glm_jax import distributed
     from glm_jax.grpo import rollout as R
     from glm_jax.monitor import image_grid
     from glm_jax.rewards import RewardContext
@@ -482,43 +487,53 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     ar = current_split(setup, stack, "ar", use_ema=True)
     dit = current_split(setup, stack, "dit", use_ema=True)
     root = jax.random.fold_in(jax.random.key(cfg.seed), 0x6576616C)       # fixed: every eval draws the same noise
-    images, prompts, targets, sources = [], [], [], []
+    images, prompts, targets, sources, valid = [], [], [], [], []
     for b, batch in enumerate(it):
         if cfg.log.eval_batches and b >= cfg.log.eval_batches:
             break
-        prep = make(batch, negative=cfg.log.eval_guidance > 1, use_ema=True)
-        p = len(prep.prompts)
-        ids = jnp.arange(p, dtype=jnp.int32) + b * p
-        tokens, _ = R.sample_group_tokens(ar, prep.arp, jax.random.fold_in(root, 0), ids, make_sampling(cfg, stack),
-                                          n_codes=stack.n_codes, eos_id=stack.eos_id)
-        imgs = R.render_tokens(dit, stack.vae, tokens, prep.arp.layout, prep.glyph, prep.neg,
-                               jax.random.fold_in(root, 1), ids, sched, height=H, width=W,
-                               guidance=cfg.log.eval_guidance, ref_kv=prep.ref_kv)
-        keep = np.asarray(batch.valid)
-        images.append(np.asarray(imgs)[keep])
-        prompts += [q for q, v in zip(prep.prompts, keep) if v]
-        targets += [t for t, v in zip(batch.targets, keep) if v]
+        with on_mesh(setup):
+            prep = make(batch, negative=cfg.log.eval_guidance > 1, use_ema=True)
+            p = len(prep.prompts)
+            ids = jnp.arange(p, dtype=jnp.int32) + b * p
+            tokens, _ = R.sample_group_tokens(ar, prep.arp, jax.random.fold_in(root, 0), ids,
+                                              make_sampling(cfg, stack), n_codes=stack.n_codes, eos_id=stack.eos_id)
+            imgs = R.render_tokens(dit, stack.vae, tokens, prep.arp.layout, prep.glyph, prep.neg,
+                                   jax.random.fold_in(root, 1), ids, sched, height=H, width=W,
+                                   guidance=cfg.log.eval_guidance, ref_kv=prep.ref_kv)
+        images.append(distributed.own_rows(imgs, batch.rows))        # this process's rows (padding included)
+        valid.append(np.asarray(batch.valid))
+        prompts += list(batch.prompts)
+        targets += list(batch.targets)
         if prep.first_sources is not None:
-            sources += [s for s, v in zip(prep.first_sources, keep) if v]
+            sources += list(prep.first_sources[batch.rows])
     metrics: dict[str, float] = {}
     if not images:
         return metrics
-    images_np = np.concatenate(images)
+    images_np, keep = np.concatenate(images), np.concatenate(valid)
     ctx = RewardContext.make(prompts, targets=targets, sources=sources or None)
+    keep_all = distributed.gather_rows(keep)
     captions = [""] * len(prompts)
     for part in setup.parts:
-        res = rewards[part](images_np, ctx)
-        metrics[f"eval/{part}/reward/total_mean"] = float(np.nanmean(res.total))
-        metrics[f"eval/{part}/reward/total_std"] = float(np.nanstd(res.total))
+        res = rewards[part](images_np, ctx)           # each process scores its own rows; statistics over all
+        total = distributed.gather_rows(res.total)[keep_all]
+        metrics[f"eval/{part}/reward/total_mean"] = float(np.nanmean(total))
+        metrics[f"eval/{part}/reward/total_std"] = float(np.nanstd(total))
         for name, v in res.components.items():
+            v = distributed.gather_rows(v)[keep_all]
             metrics[f"eval/{part}/reward/{name}/mean"] = float(np.nanmean(v))
             metrics[f"eval/{part}/reward/{name}/std"] = float(np.nanstd(v))
         for i, line in enumerate(_captions(res.components, res.total)):
             captions[i] += f"{part} {line}\n"
     metrics["time/eval_s"] = time.perf_counter() - t0
     monitor.scalars(step, metrics)
+    images_np = images_np[keep]
+    prompts, targets = [q for q, k in zip(prompts, keep) if k], [t for t, k in zip(targets, keep) if k]
+    sources = [x for x, k in zip(sources, keep) if k]
+    captions = [c for c, k in zip(captions, keep) if k]
     cols = min(len(prompts), cfg.train.groups_per_step)
     n = len(prompts)
+    if n == 0:
+        return metrics
     tiles, labels = [_fit(targets, images_np.shape[1:3])], [f"target {i}" for i in range(n)]
     if sources:
         tiles.append(_fit(sources, images_np.shape[1:3]))
@@ -529,6 +544,16 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     log(f"eval at step {step}: " + ", ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()
                                               if k.endswith("total_mean")) + (f"; grid {path}" if path else ""))
     return metrics
+
+
+def on_mesh(setup: TrainSetup):
+    """A context in which the rollouts run over the setup's mesh (`jax.set_mesh`: the models' `constrain` calls
+    apply and new arrays are global); a null context on one device. Rewards run outside it, on each process's
+    own devices."""
+    import jax
+    if setup.mesh is None or setup.mesh.size == 1:
+        return contextlib.nullcontext()
+    return jax.set_mesh(setup.mesh)
 
 
 def _fit(images: list[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
@@ -557,15 +582,18 @@ def _first_last(history: list[dict], key: str, n: int = 10) -> tuple[float, floa
 
 
 def make_train_mesh(cfg, log=print):
-    """The device mesh of `config.mesh` over this process's devices (`sharding.make_mesh`), logged with the devices
-    it uses (when several). A mesh that does not fit the devices, several processes, or update batches that do not split over the
-    batch axes `data x fsdp` are one-line `ConfigError`s naming the field."""
+    """The device mesh of `config.mesh` over the devices of every process (`sharding.make_mesh`), logged with the
+    devices it uses (when several). A mesh that does not fit the devices, a global batch that does not split over
+    the processes, or update batches that do not split over the batch axes `data x fsdp` are one-line
+    `ConfigError`s naming the field."""
     import jax
 
     from glm_jax import sharding as S
     from glm_jax.config import ConfigError
-    if jax.process_count() > 1:
-        raise ConfigError("multi-process training is not available in the trainer of this version; run one process")
+    n_proc = jax.process_count()
+    if cfg.train.groups_per_step % n_proc:
+        raise ConfigError(f"config.train.groups_per_step={cfg.train.groups_per_step}: each of the {n_proc} processes "
+                          f"loads its share of the prompts; make it a multiple of {n_proc}")
     try:
         mesh = S.make_mesh(cfg.mesh)
     except ValueError as e:
@@ -587,8 +615,34 @@ def make_train_mesh(cfg, log=print):
     if mesh.size > 1:
         kinds = sorted({d.device_kind for d in mesh.devices.flat})
         log(f"mesh: {' x '.join(f'{a}={n}' for a, n in sizes.items())} over {mesh.size} devices "
-            f"({', '.join(kinds)}: {', '.join(str(d) for d in mesh.devices.flat)})")
+            + (f"of {n_proc} processes " if n_proc > 1 else "")
+            + f"({', '.join(kinds)}: {', '.join(str(d) for d in mesh.devices.flat)})")
     return mesh
+
+
+def _quiet(*_args, **_kw) -> None:
+    """The log of processes other than 0."""
+
+
+def embedded_checkpoint(seed: int) -> str:
+    """The embedded tiny checkpoint (`glm_jax.tiny.tiny_checkpoint`, written once to the cache). With several
+    processes, process 0 writes it in a single-process subprocess (orbax saves are collective in a multi-process
+    runtime) while the others wait at a barrier."""
+    import jax
+
+    from glm_jax import distributed
+    from glm_jax.tiny import tiny_checkpoint
+    if jax.process_count() == 1:
+        return tiny_checkpoint(seed=seed)
+    if jax.process_index() == 0:
+        import subprocess
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                                                                        "JAX_PROCESS_ID", "SLURM_"))}
+        env["JAX_PLATFORMS"] = "cpu"
+        code = f"from glm_jax.tiny import tiny_checkpoint; tiny_checkpoint(seed={int(seed)})"
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    distributed.sync("glm_jax.embedded_checkpoint")
+    return tiny_checkpoint(seed=seed)
 
 
 def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dict:
@@ -598,6 +652,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     import jax.numpy as jnp
 
     from glm_jax import data as D
+    from glm_jax import distributed
     from glm_jax.config import save_config
     from glm_jax.grpo import rollout as R
     from glm_jax.grpo.advantages import compute_advantages
@@ -606,9 +661,13 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
 
+    main_process = jax.process_index() == 0
+    if not main_process:
+        log = _quiet
     mesh = make_train_mesh(cfg, log)
     os.makedirs(workdir, exist_ok=True)
-    save_config(cfg, os.path.join(workdir, "config.json"))
+    if main_process:
+        save_config(cfg, os.path.join(workdir, "config.json"))
     H, W = cfg.image.height, cfg.image.width
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
     use_ar, use_dit = cfg.component in ("ar", "both"), cfg.component in ("dit", "both")
@@ -623,14 +682,12 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
         field = "data.eval_path" if cfg.data.eval_path and cfg.data.eval_path in str(e) else "data.path"
         raise ValueError(f"config.{field} ({cfg.mode} data): {e}") from None
     it = D.train_iterator(train_ds, cfg.train.groups_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                          process_index=jax.process_index(), process_count=jax.process_count())
-    if cfg.model.ckpt:
-        ckpt_dir = cfg.model.ckpt
-    else:                   # the embedded tiny checkpoint, written once to the cache (same weights as .tiny())
-        from glm_jax.tiny import tiny_checkpoint
-        ckpt_dir = tiny_checkpoint(seed=cfg.seed)
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          global_sources=n_sources > 0)
+    ckpt_dir = cfg.model.ckpt or embedded_checkpoint(cfg.seed)
+    # several devices: every parameter restored straight into its sharding (each process reads its shards)
     stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
-                               attention=cfg.model.attention or None)
+                               attention=cfg.model.attention or None, mesh=mesh if mesh.size > 1 else None)
     stack.prompts.check_target_size(H, W)
     if n_sources:
         from glm_jax.prompts import source_agreement
@@ -684,30 +741,39 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             if history:
                 history[-1].update(m)
 
-    # rollouts, evaluation and updates see the mesh (the models' `sharding.constrain` calls apply under it)
-    on_mesh = jax.set_mesh(mesh) if mesh.size > 1 else contextlib.nullcontext()
-    on_mesh.__enter__()
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t_iter = time.perf_counter()
             times: dict[str, float] = {}
             batch = next(it)
-            prep = make(batch, negative=guidance_needed, times=times)
-            prompts = prep.prompts
+            with on_mesh(setup):
+                prep = make(batch, negative=guidance_needed, times=times)
+            prompts = prep.prompts                  # the global batch (this process's: batch.prompts)
             key = jax.random.fold_in(jax.random.key(cfg.seed), step)
             metrics: dict[str, float] = {}
 
-            def score(part, images, group_ids, g, prompts=prompts, batch=batch, prep=prep, times=times,
+            def score(part, roll_images, roll_group_ids, g, batch=batch, prep=prep, times=times,
                       metrics=metrics, step=step):
                 """Rewards of one rollout (each prompt's target / first source repeated over its group) ->
-                advantages; logs the reward / advantage metrics and, every `log.images_every` steps, the grid."""
+                advantages; logs the reward / advantage metrics and, every `log.images_every` steps, the grid.
+                Each process scores its own prompts' groups (`batch.rows`) on its own devices; the scores are
+                gathered so that every process computes the same advantages of the whole batch."""
                 t0 = time.perf_counter()
-                srcs = None if prep.first_sources is None else [s for s in prep.first_sources for _ in range(g)]
-                ctx = RewardContext.make([p for p in prompts for _ in range(g)],
+                own = slice(batch.rows.start * g, batch.rows.stop * g)
+                images = distributed.own_rows(roll_images, own)
+                srcs = (None if prep.first_sources is None
+                        else [s for s in prep.first_sources[batch.rows] for _ in range(g)])
+                ctx = RewardContext.make([p for p in batch.prompts for _ in range(g)],
                                          targets=[t for t in batch.targets for _ in range(g)], sources=srcs)
                 res = rewards[part](images, ctx)
+                components = {k: distributed.gather_rows(v) for k, v in res.components.items()}
+                total = distributed.gather_rows(res.total)
+                for k, v in components.items():          # the set's per-reward statistics over all processes
+                    res.metrics[f"{k}/mean"] = float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
+                    res.metrics[f"{k}/nan_frac"] = float(np.isnan(v).mean())
+                group_ids = distributed.own_rows(roll_group_ids, slice(None))
                 times[f"time/{part}_rewards_s"] = time.perf_counter() - t0
-                adv = compute_advantages(res.components, np.asarray(group_ids), reward_weights=rewards[part].weights,
+                adv = compute_advantages(components, group_ids, reward_weights=rewards[part].weights,
                                          scale_rewards=cfg.reward.scale_rewards, aggregation=cfg.reward.aggregate,
                                          clip=cfg.reward.adv_clip)
                 a = np.asarray(adv.advantages, np.float64)
@@ -715,10 +781,10 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                 metrics.update({f"{part}/adv/mean": float(a.mean()), f"{part}/adv/std": float(a.std()),
                                 f"{part}/adv/abs_max": float(np.abs(a).max())})
                 metrics.update({f"{part}/reward/{k}": v for k, v in res.metrics.items()})
-                for name, v in res.components.items():
+                for name, v in components.items():
                     metrics[f"{part}/reward/{name}/std"] = float(np.nanstd(v))
-                metrics[f"{part}/reward/total_mean"] = float(np.nanmean(res.total))
-                metrics[f"{part}/reward/total_std"] = float(np.nanstd(res.total))
+                metrics[f"{part}/reward/total_mean"] = float(np.nanmean(total))
+                metrics[f"{part}/reward/total_std"] = float(np.nanstd(total))
                 if cfg.log.images_every and step % cfg.log.images_every == 0:
                     monitor.image(step, f"train/{part}_groups",
                                   image_grid(images, columns=g, captions=_captions(res.components, res.total)))
@@ -732,13 +798,13 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             tokens_for_dit = None
             if use_ar:
                 g = cfg.ar.group_size
-                roll = R.ar_group_rollout(current_split(setup, stack, "ar"), current_split(setup, stack, "dit"),
-                                          stack.vae, prep.arp, prep.glyph, prep.neg, jax.random.fold_in(key, 0),
-                                          ar_rcfg, render_sched, n_codes=stack.n_codes, eos_id=stack.eos_id,
-                                          height=H, width=W, first_sample_id=step * 1_000_000,
-                                          first_group_id=step * 10_000, ref_kv=prep.ref_kv, timings=times)
-                images = np.asarray(roll.images)
-                adv = score("ar", images, roll.group_ids, g)
+                with on_mesh(setup):
+                    roll = R.ar_group_rollout(current_split(setup, stack, "ar"), current_split(setup, stack, "dit"),
+                                              stack.vae, prep.arp, prep.glyph, prep.neg, jax.random.fold_in(key, 0),
+                                              ar_rcfg, render_sched, n_codes=stack.n_codes, eos_id=stack.eos_id,
+                                              height=H, width=W, first_sample_id=step * 1_000_000,
+                                              first_group_id=step * 10_000, ref_kv=prep.ref_kv, timings=times)
+                adv = score("ar", roll.images, roll.group_ids, g)
                 t0 = time.perf_counter()
                 setup.ts, m = steps.update["ar"](setup.ts, R.ar_batch(roll, adv.advantages, adv.weights))
                 dt = time.perf_counter() - t0 + sync(m)
@@ -748,22 +814,22 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                                     num_iterations=cfg.train.num_iterations))
                 tokens_for_dit = R.first_of_groups(roll.tokens, g)
             if use_dit:
-                if tokens_for_dit is None:
-                    t0 = time.perf_counter()
-                    tokens_for_dit, _ = R.sample_group_tokens(
-                        current_split(setup, stack, "ar"), prep.arp, jax.random.fold_in(key, 1),
-                        jnp.arange(len(prompts)) + step * 1_000_000, sampling, n_codes=stack.n_codes,
-                        eos_id=stack.eos_id)
-                    times["time/ar_sample_s"] = time.perf_counter() - t0 + sync(tokens_for_dit)
-                g = cfg.dit.group_size
-                # the AR update donated the old state, so the DiT's current params are taken from the new one
-                droll = R.dit_group_rollout(current_split(setup, stack, "dit"), stack.vae, tokens_for_dit,
-                                            prep.arp.layout, prep.glyph, prep.neg, jax.random.fold_in(key, 2),
-                                            dit_rcfg, dit_sched, height=H, width=W,
-                                            first_sample_id=step * 1_000_000, first_group_id=step * 10_000,
-                                            ref_kv=prep.ref_kv, timings=times)
-                images = np.asarray(droll.images)
-                adv = score("dit", images, droll.group_ids, g)
+                with on_mesh(setup):
+                    if tokens_for_dit is None:
+                        t0 = time.perf_counter()
+                        tokens_for_dit, _ = R.sample_group_tokens(
+                            current_split(setup, stack, "ar"), prep.arp, jax.random.fold_in(key, 1),
+                            np.arange(len(prompts)) + step * 1_000_000, sampling, n_codes=stack.n_codes,
+                            eos_id=stack.eos_id)
+                        times["time/ar_sample_s"] = time.perf_counter() - t0 + sync(tokens_for_dit)
+                    g = cfg.dit.group_size
+                    # the AR update donated the old state, so the DiT's current params are taken from the new one
+                    droll = R.dit_group_rollout(current_split(setup, stack, "dit"), stack.vae, tokens_for_dit,
+                                                prep.arp.layout, prep.glyph, prep.neg, jax.random.fold_in(key, 2),
+                                                dit_rcfg, dit_sched, height=H, width=W,
+                                                first_sample_id=step * 1_000_000, first_group_id=step * 10_000,
+                                                ref_kv=prep.ref_kv, timings=times)
+                adv = score("dit", droll.images, droll.group_ids, g)
                 t0 = time.perf_counter()
                 setup.ts, m = steps.update["dit"](setup.ts, R.dit_batch(droll, adv.advantages, adv.weights))
                 dt = time.perf_counter() - t0 + sync(m)
@@ -788,10 +854,11 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                                             "throughput/images_per_s") if k in metrics])
             monitor.advance(step)
             last = step == cfg.train.steps
-            if ckpt.should_save(step) or last or stop.requested:
+            stop_now = distributed.any_process(stop.requested)   # every process stops after the same step
+            if ckpt.should_save(step) or last or stop_now:
                 ckpt.save(step, saved_state(setup), {"data": it.state(), "time": time.time()}, force=True)
-            if stop.requested:
-                log(f"{stop.signal_name}: saved step {step}; exiting")
+            if stop_now:
+                log(f"{stop.signal_name or 'a stop signal to another process'}: saved step {step}; exiting")
                 break
             if stop_after is not None and step >= stop_after:
                 ckpt.save(step, saved_state(setup), {"data": it.state(), "time": time.time()}, force=True)
@@ -799,7 +866,6 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or last:
                 run_eval(step)
     finally:
-        on_mesh.__exit__(None, None, None)
         ckpt.close()
         monitor.close()
         stop.restore_handlers()
@@ -819,6 +885,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
 def main(argv: list[str] | None = None) -> int:
     from glm_jax.config import ConfigError, apply_overrides, load_config, validate
     args, overrides = _parse(argv)
+    from glm_jax import distributed
+    distributed.initialize()                  # several processes (launcher / SLURM environment); else nothing
     try:
         cfg = validate(apply_overrides(load_config(args.config), overrides))
         train(cfg, args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True))

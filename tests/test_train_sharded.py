@@ -1,7 +1,9 @@
-"""`python -m glm_jax.train` on a mesh of several devices (4 forced CPU devices in a subprocess): two FSDP steps of
-the tiny T2I DiT run give the trained params of the one-device run (fp32 tolerance), the second step after a
-resume from the checkpoint restored into the sharded state; a mesh that does not fit the devices and update batches
-that do not split over the batch axes stop with one line naming the field."""
+"""`python -m glm_jax.train` on a mesh of several devices: 4 forced CPU devices of one process (a subprocess), and
+2 processes of one CPU device each started by `python -m glm_jax.launch` (gloo collectives; each process loads
+and scores its own prompts). Two FSDP steps of the tiny T2I DiT give the trained params of the one-device run
+(fp32 tolerance), the second step after a resume from the checkpoint restored into the sharded state; a mesh that
+does not fit the devices and update batches that do not split over the batch axes stop with one line naming the
+field."""
 
 from __future__ import annotations
 
@@ -36,6 +38,17 @@ def _script(devices: int, body: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def _launch(nproc: int, body: str) -> subprocess.Popen:
+    """`body` run by `nproc` processes of one CPU device each (`python -m glm_jax.launch --no-python`)."""
+    code = "import sys\nfrom glm_jax import distributed, train\ndistributed.initialize()\n" + textwrap.dedent(body)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_FLAGS"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "glm_jax.launch", "--nproc", str(nproc), "--no-python", "--",
+                             sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def _params(work, step: int) -> np.ndarray:
     """The trained params of `work`'s checkpoint at `step`, flattened in path order (restored onto this process's
     first device whatever mesh saved them)."""
@@ -57,8 +70,9 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 2-step run on a 4-device mesh (`data=1 x fsdp=4`; stopped after step 1 and resumed) in a
-    subprocess, and on one device in this process, concurrently (training data without an eval split)."""
+    """The same 2-step run on a 4-device mesh (`data=1 x fsdp=4`) in a subprocess, on 2 processes (`fsdp=2`),
+    both stopped after step 1 and resumed, and on one device in this process, concurrently (training data
+    without an eval split)."""
     import jax
     root = tmp_path_factory.mktemp("sharded")
     data = root / "data"
@@ -66,14 +80,17 @@ def runs(tmp_path_factory):
     shutil.copy(os.path.join(ROOT, "data", "t2i", "prompts.txt"), data)
     shutil.copytree(os.path.join(ROOT, "data", "t2i", "target_images"), data / "target_images")
     args = [*ARGS, f"--config.data.path={data}"]
-    sharded, single = root / "fsdp4", root / "one"
-    proc = _script(4, f"""
+    sharded, single, multi = root / "fsdp4", root / "one", root / "two_processes"
+    body = """
         from glm_jax.config import apply_overrides, load_config, validate
-        args = {[*args, "--config.mesh.data=1", "--config.mesh.fsdp=4"]!r}
-        cfg = validate(apply_overrides(load_config({SPEC!r}), dict(a[9:].split("=", 1) for a in args)))
-        train.train(cfg, {str(sharded)!r}, log=lambda m: print(m, file=sys.stderr), stop_after=1)
-        assert train.main(["--config", {SPEC!r}, "--workdir", {str(sharded)!r}, *args]) == 0
-    """)
+        args = {args!r}
+        cfg = validate(apply_overrides(load_config({spec!r}), dict(a[9:].split("=", 1) for a in args)))
+        train.train(cfg, {work!r}, log=lambda m: print(m, file=sys.stderr), stop_after=1)
+        assert train.main(["--config", {spec!r}, "--workdir", {work!r}, *args]) == 0
+    """
+    mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+    proc = _script(4, body.format(args=[*args, *mesh], spec=SPEC, work=str(sharded)))
+    procs = _launch(2, body.format(args=[*args, *mesh], spec=SPEC, work=str(multi)))
     try:
         if jax.device_count() == 1:
             assert train.main(["--config", SPEC, "--workdir", str(single), *args, "--config.mesh.data=1"]) == 0
@@ -85,22 +102,34 @@ def runs(tmp_path_factory):
             err = one.communicate(timeout=600)[1]
             assert one.returncode == 0, err[-3000:]
         err = proc.communicate(timeout=600)[1]
+        log2 = procs.communicate(timeout=600)[0]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for p in (proc, procs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert proc.returncode == 0, err[-3000:]
-    return sharded, single, err
+    assert procs.returncode == 0, log2[-3000:]
+    return sharded, single, err, multi, log2
 
 
 def test_fsdp_mesh_trains_as_one_device(runs):
-    sharded, single, err = runs
+    sharded, single, err, _, _ = runs
     assert err.count("mesh: data=1 x fsdp=4 x tensor=1 over 4 devices") == 2
     assert "resumed from" in err and "at step 1" in err and "step 2/2" in err
     ref1, ref2 = _params(single, 1), _params(single, 2)
     assert _rel(ref1, ref2) > 1e-3          # the second update moves the params far more than the tolerance
     assert _rel(_params(sharded, 1), ref1) < 1e-5
     assert _rel(_params(sharded, 2), ref2) < 1e-5      # after a restore into the sharded state
+
+
+def test_two_processes_train_as_one_device(runs):
+    _, single, _, multi, log = runs
+    assert log.count("mesh: data=1 x fsdp=2 x tensor=1 over 2 devices of 2 processes") == 2, log[-3000:]
+    assert log.count("resumed from") == 1 and "step 2/2" in log      # process 0 logs, process 1 is quiet
+    ref1, ref2 = _params(single, 1), _params(single, 2)
+    assert _rel(_params(multi, 1), ref1) < 1e-5
+    assert _rel(_params(multi, 2), ref2) < 1e-5
 
 
 def test_mesh_errors_are_one_line():
