@@ -120,7 +120,25 @@ def _render_jit(dit_graphdef, dit_state, tokens, glyph, neg, root, ids, sched, r
 
 @partial(jax.jit, static_argnames=("vae_graphdef",))
 def _decode_jit(vae_graphdef, vae_state, latents):
-    return flow.decode_images(_merge(vae_graphdef, vae_state), latents)
+    return decode_rows(lambda st, z: flow.decode_images(_merge(vae_graphdef, st), z), vae_state, latents)
+
+
+def decode_rows(fn, state, latents):
+    """`fn(state, latents)` (a per-image decode); under a mesh whose batch axes split the rows, each device
+    decodes its own rows (`shard_map`, the decoder's weights gathered to every device), so that the VAE's
+    chunked decode loops over local rows only. Call inside `jax.jit`."""
+    from jax.sharding import PartitionSpec
+
+    from glm_jax.sharding import batch_spec
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(state, latents)
+    spec = batch_spec(latents.shape, 0, mesh)
+    if not spec or spec[0] is None:
+        return fn(state, latents)
+    split = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=PartitionSpec(spec[0]),
+                          check_vma=False)
+    return split(state, latents)
 
 
 def decode_latents(vae, latents: jax.Array) -> jax.Array:

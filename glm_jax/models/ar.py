@@ -45,6 +45,7 @@ from glm_jax.models.remat import layer_call
 from glm_jax.sharding import constrain
 
 STREAM_AXES = ("batch", "length", "embed")   # the residual stream, for `glm_jax.sharding.constrain`
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")      # a layer's K or V cache
 
 AttentionImpl = str | None  # None (let JAX pick), "xla" or "cudnn"
 
@@ -248,6 +249,7 @@ class TextAttention(nnx.Module):
             start = (0, 0, index, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start)
+            k_cache, v_cache = (constrain(c, CACHE_AXES) for c in (k_cache, v_cache))
             kv = (k_cache, v_cache)
             mode = self.decode_attention
             if mode == "auto":
@@ -377,7 +379,7 @@ class GlmImageText(nnx.Module):
             if cache is None:   # training / re-scoring: the only path that is differentiated
                 x, _ = layer_call(layer, self.remat, constrain(x, STREAM_AXES), cos, sin, mask_BTS)
                 continue
-            x, kv = layer(x, cos, sin, mask_BTS, (cache.k[i], cache.v[i]), index)
+            x, kv = layer(constrain(x, STREAM_AXES), cos, sin, mask_BTS, (cache.k[i], cache.v[i]), index)
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
