@@ -19,6 +19,12 @@ replaced by those of the run's checkpoint at `--step` (default: the newest compl
 is written to a temporary sibling and renamed into place when complete (`checkpoint.publish_dir`); unchanged base
 files are hard-linked when the file system allows it, copied otherwise. The manifest records the run, step and
 whether the EMA was exported under `"trained"`.
+
+A run's checkpoint exports on any machine, whatever mesh saved it (e.g. a run on `mesh.fsdp=8` exports in a process
+with one CPU device): only the exported arrays are read from it (the trained params, or the EMA with `--ema`; never
+the optimizer moments, which hold twice the params' bytes), straight into host memory as numpy arrays in their saved
+dtypes, without device memory and without the shardings recorded in the checkpoint (`read_state`). Host memory holds
+the exported arrays and the base component's parameters they replace.
 """
 
 from __future__ import annotations
@@ -71,10 +77,38 @@ def _flat(tree, prefix: str = "") -> dict[str, np.ndarray]:
     return {(k.removesuffix(".value")): v for k, v in out.items()}
 
 
-def run_params(workdir: str, step: int | None = None, *, ema: bool = False) -> tuple[int, dict[str, dict]]:
-    """`(step, {part: {nnx path: array}})`: the trained params (or the EMA) of a run's checkpoint at `step`
-    (default: the newest complete one)."""
+def _subtree(tree: dict, keys: tuple[str, ...]):
+    """`tree[keys[0]][keys[1]]...`."""
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def read_state(path: str, subtrees: list[tuple[str, ...]]) -> dict:
+    """The subtrees at the key paths `subtrees` of the orbax pytree checkpoint at `path`, as nested dicts of host
+    `np.ndarray`s in their saved dtypes; nothing else of the checkpoint is read.
+
+    The saved tree comes from the checkpoint's metadata, every array leaf is restored with `restore_type=np.ndarray`
+    (no device memory, no use of the shardings or the device topology the checkpoint was saved with) and the
+    restore is partial: the arrays outside `subtrees` (e.g. optimizer moments) are neither read nor decoded."""
+    import jax
     import orbax.checkpoint as ocp
+    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+    tree = getattr(meta, "tree", meta)
+    item: dict = {}
+    for keys in subtrees:
+        dst = item
+        for k in keys[:-1]:
+            dst = dst.setdefault(k, {})
+        dst[keys[-1]] = _subtree(tree, keys)
+    restore_args = jax.tree.map(
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray) if hasattr(m, "shape") else ocp.RestoreArgs(), item)
+    return ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+
+
+def state_path(workdir: str, step: int | None = None) -> tuple[int, str]:
+    """`(step, path)` of the saved train state of run `workdir` at `step` (default: the newest complete one)."""
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
     if not steps:
@@ -83,12 +117,25 @@ def run_params(workdir: str, step: int | None = None, *, ema: bool = False) -> t
         step = steps[-1]
     if step not in steps:
         raise ValueError(f"--step {step}: no checkpoint of that step in {directory} (have {steps})")
-    tree = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
-    parts = [p for p in SLOTS if p in tree]
+    return step, os.path.join(directory, str(step), "state")
+
+
+def run_params(workdir: str, step: int | None = None, *, ema: bool = False) -> tuple[int, dict[str, dict]]:
+    """`(step, {part: {nnx path: np.ndarray}})`: the trained params (or the EMA) of a run's checkpoint at `step`
+    (default: the newest complete one), read to host memory in their saved dtypes whatever mesh saved them (see
+    `read_state`; the optimizer state and, without `ema`, the EMA are not read)."""
+    import orbax.checkpoint as ocp
+    step, path = state_path(workdir, step)
+    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+    saved = getattr(meta, "tree", meta)
+    parts = [p for p in SLOTS if p in saved]
     if ema:
-        if "ema" not in tree:
+        if "ema" not in saved:
             raise ValueError(f"--ema: the run in {workdir} keeps no EMA (ema.decay was 0)")
+        parts = [p for p in parts if p in saved["ema"]]
+        tree = read_state(path, [("ema", p) for p in parts])
         return step, {p: _flat(tree["ema"][p]) for p in parts}
+    tree = read_state(path, [(p, "params") for p in parts])
     return step, {p: _flat(tree[p]["params"]) for p in parts}
 
 
