@@ -114,3 +114,14 @@ def write_result(name: str, result: dict) -> None:
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(json.dumps(result, indent=2, default=str))
+
+
+def ar_flops(cfg, tokens_per_seq: int, n_seq: int, weight_grads: bool = True) -> float:
+    """Model FLOPs of one AR forward + backward over `n_seq` sequences: 6·N·tokens for the matmuls (4·N·tokens
+    without weight gradients, e.g. LoRA on frozen kernels) plus the attention scores."""
+    t = cfg.text
+    per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim + t.num_heads * t.head_dim
+                 * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    n_mat = t.num_layers * per_layer + t.hidden_size * t.vision_vocab_size
+    attn = t.num_layers * 4 * tokens_per_seq ** 2 * t.num_heads * t.head_dim
+    return (6 if weight_grads else 4) * n_mat * tokens_per_seq * n_seq + 3 * attn * n_seq

@@ -1,11 +1,18 @@
-"""Full fine-tuning of the real-size DiT (6.93B) at 1024² with FSDP over the GPUs of one host (one process).
+"""GRPO updates of the real-size DiT (6.93B) or AR (10.1B text decoder) on a mesh over the GPUs of one host:
+full fine-tuning or LoRA, one process with every GPU or one process per GPU.
 
-    python -m benchmarks.sharded_gpu [--remat dots] [--samples-per-device 1]
+    python -m benchmarks.sharded_gpu --part dit [--lora 0] [--remat dots] [--samples-per-device 1] [--tag T]
+    python -m benchmarks.sharded_gpu --part ar --lora 64 [--batch-per-device 8] [--micro 4]
+    python -m glm_jax.launch --nproc 2 --module benchmarks.sharded_gpu -- --part dit      # 2 processes
 
-Builds the DiT with random bf16 weights on the first device, shards the parameters over `fsdp` (= every device),
-creates the fp32 Adam state directly in its sharding, and times the Flow-GRPO update (`glm_jax.sharding.
-ShardedUpdate`, one SDE transition per sample, global-norm clip + AdamW) with the given rematerialisation.
-Reports step time, MFU and peak memory per device. Writes $OUT/sharded_gpu.json as it goes.
+The mesh is `fsdp` over every device of every process (`glm_jax.sharding.make_mesh`). Random bf16 weights are
+generated straight into their shardings (each device draws its own slices), the train state (fp32 Adam moments)
+is built by one jit with the state's out-shardings, and the update is `sharding.ShardedUpdate` (one SDE
+transition per DiT sample at 1024²; for the AR, whole 1024² T2I sequences of prompt + 1281 tokens under the top-p
+policy, micro-batched). Reports the median step time of 3 steps after the compile, samples/s, MFU and the peak
+memory of every device (MFU from model FLOPs: forward + backward = 3x the forward, 2x under LoRA, whose
+frozen kernels get no weight gradients). `--layers N` keeps the first N layers (to compare with one GPU where the full model does
+not fit). Process 0 writes `$OUT/sharded_gpu_<tag>.json` as it goes.
 """
 
 from __future__ import annotations
@@ -17,98 +24,230 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from benchmarks.common import SMOKE, device_info, jax_sync, random_module, write_result
-from benchmarks.real_configs import DIT_CONFIG
+from glm_jax import distributed
 
 PEAK = 989e12
-H = W = 256 if SMOKE else 1024
-if SMOKE:
-    from glm_jax.tiny import tiny_dit_config
-    DIT_CONFIG = tiny_dit_config()
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    import jax
+    if jax.process_index() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def peaks() -> list[float]:
+    """Peak GiB in use of every device of every process (process order)."""
+    import jax
+    import numpy as np
     out = []
     for d in jax.local_devices():
         try:
             out.append(d.memory_stats().get("peak_bytes_in_use", 0) / 2 ** 30)
         except Exception:
             out.append(float("nan"))
-    return out
+    return [round(float(x), 2) for x in distributed.gather_rows(np.asarray(out, np.float64))]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--remat", default="dots")
-    ap.add_argument("--samples-per-device", type=int, default=1)
-    ap.add_argument("--attention", default="", help="'' = cuDNN on GPU, else 'xla'")
-    a = ap.parse_args()
+def random_sharded(build, table, seed: int = 0, scale: float = 0.02):
+    """A module with random parameters drawn straight into their shardings (`table`: `{path: sharding}`): norm
+    weights 1, biases 0, everything else N(0, scale²); each device generates only its own slices."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from glm_jax.sharding import path_str
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    pairs = list(nnx.to_flat_state(state))
+    key = jax.random.key(seed)
+    fns = {}
+    for i, (path, var) in enumerate(pairs):
+        want = var.get_value()
+        sh = table[path_str(path)]
+        kind = ("ones" if str(path[-1]) == "weight" else "zeros") if want.ndim == 1 else "normal"
+        k = (kind, want.shape, want.dtype, sh)
+        if k not in fns:
+            if kind == "normal":
+                fns[k] = jax.jit(lambda r, s=want.shape, d=want.dtype: (jax.random.normal(r, s, jnp.float32)
+                                                                        * scale).astype(d), out_shardings=sh)
+            else:
+                fill = jnp.ones if kind == "ones" else jnp.zeros
+                fns[k] = jax.jit(lambda r, s=want.shape, d=want.dtype, f=fill: f(s, d), out_shardings=sh)
+        var.set_value(fns[k](jax.random.fold_in(key, i)))
+    return nnx.merge(graphdef, nnx.from_flat_state(pairs))
+
+
+def build_state(module, trainable, tx, mesh):
+    """The `TrainState` of `module` (params selected by `trainable`, fp32 optimizer moments) made by one jit with
+    the state's shardings as outputs (no host copy, nothing replicated on the way)."""
+    import jax
+    from flax import nnx
+
     from glm_jax import sharding as S
-    from glm_jax.grpo import optim as O
+    from glm_jax.grpo import train_step as T
+    graphdef, params, frozen = nnx.split(module, trainable, ...)
+    part = "dit" if type(module).__name__.endswith("DiT") else "ar"
+
+    def make(p, f):
+        return T.init_train_state(jax.random.key(0), **{part: T.PolicyState(p, f, tx.init(p))})
+    sh = S.train_state_shardings(jax.eval_shape(make, params, frozen), mesh)
+    ts = jax.jit(make, out_shardings=sh)(params, frozen)
+    return graphdef, ts
+
+
+def dit_case(a, mesh, n_dev):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.common import SMOKE
+    from benchmarks.real_configs import DIT_CONFIG
     from glm_jax.grpo import train_step as T
     from glm_jax.models.dit import DiTConfig, GlmImageDiT, dit_flops
     from glm_jax.sampling import flow
     from glm_jax.sampling.schedule import flow_schedule
-    from glm_jax.tiny import scheduler_config
-
-    n_dev = jax.device_count()
-    res = {"device": device_info(), "remat": a.remat, "devices": n_dev}
-    mesh = S.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    cfg = DiTConfig.from_hf(DIT_CONFIG)
+    from glm_jax.tiny import scheduler_config, tiny_dit_config
+    h = w = 256 if SMOKE else 1024
+    conf = dict(tiny_dit_config() if SMOKE else DIT_CONFIG)
+    if a.layers:
+        conf["num_layers"] = a.layers
+    cfg = DiTConfig.from_hf(conf)
+    import jax
     attn = a.attention or ("cudnn" if jax.default_backend() == "gpu" else None)
-    res["attention"] = attn
-    t0 = time.time()
-    dit = random_module(lambda: GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attn,
-                                            rngs=nnx.Rngs(0)))
-    dit.remat = a.remat
-    graphdef, params, frozen = nnx.split(dit, T.dit_trainable, ...)
-    del dit
-    params = jax.device_put(params, S.tree_shardings(params, mesh))
-    tx = O.make_optimizer(O.OptimConfig(lr=1e-5, grad_clip=1.0, weight_decay=1e-4))
 
-    def make_ts(p):
-        return T.init_train_state(jax.random.key(0), dit=T.PolicyState(p, frozen, tx.init(p)))
-    ts_sh = S.train_state_shardings(jax.eval_shape(make_ts, params), mesh)
-    ts = jax.jit(make_ts, out_shardings=ts_sh, donate_argnums=0)(params)
-    params = None
-    jax_sync(ts)
-    res["state_s"] = time.time() - t0
-    res["state_peak_gib_per_device"] = peaks()
-    log(f"sharded train state in {res['state_s']:.0f}s, peak per device {res['state_peak_gib_per_device']}")
-    write_result("sharded_gpu", res)
+    def build():
+        from flax import nnx
+        return GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attn, rngs=nnx.Rngs(0))
 
     b = a.samples_per_device * n_dev
     rng = np.random.default_rng(0)
-    sched = flow_schedule(10, H, W, scheduler_config())
-    lat = (H // 8, W // 8, 16)
-    t_glyph = 256 if not SMOKE else 8
-    x = jnp.asarray(rng.standard_normal((b, 1, *lat)), jnp.float32)
+    sched = flow_schedule(10, h, w, scheduler_config())
+    lat = (h // 8, w // 8, 16)
+    t_glyph = 8 if SMOKE else 256
+    x = rng.standard_normal((b, 1, *lat)).astype(np.float32)
     cond = flow.make_cond(jnp.asarray(rng.standard_normal((b, t_glyph, cfg.text_embed_dim)), jnp.bfloat16),
-                          jnp.asarray(rng.integers(0, 16384 if not SMOKE else 100, (b, (H // 16) * (W // 16)))),
-                          H, W)
-    batch = T.DitBatch(x=x, x_next=x + 0.01 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
-                       steps=jnp.full((b, 1), 3, jnp.int32), advantages=jnp.asarray(rng.standard_normal(b),
-                                                                                    jnp.float32),
-                       weights=jnp.ones((b,), jnp.float32), cond=cond,
-                       sched=(jnp.asarray(sched.timesteps), jnp.asarray(sched.sigmas)),
-                       noise_level=jnp.asarray(0.7, jnp.float32))
-    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, beta=0.0))
-    step = S.ShardedUpdate("dit", spec, mesh, ts)
+                          jnp.asarray(rng.integers(0, 100 if SMOKE else 16384, (b, (h // 16) * (w // 16)))), h, w)
+    batch = T.DitBatch(x=x, x_next=(x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32),
+                       steps=np.full((b, 1), 3, np.int32), advantages=rng.standard_normal(b).astype(np.float32),
+                       weights=np.ones((b,), np.float32), cond=cond,
+                       sched=(np.asarray(sched.timesteps), np.asarray(sched.sigmas)),
+                       noise_level=np.asarray(0.7, np.float32))
+    # forward + backward: 3x the forward (2x without weight gradients: LoRA on frozen kernels)
+    flops = (2 if a.lora else 3) * dit_flops(cfg, (h // 16) * (w // 16), t_glyph, 0) * b
+    return build, batch, flops, b, {"dit_layers": cfg.num_layers, "resolution": h}
+
+
+def ar_case(a, mesh, n_dev):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.common import SMOKE, ar_flops
+    from benchmarks.real_configs import AR_CONFIG
+    from benchmarks.rollout_gpu import prompts
+    from glm_jax.grpo import train_step as T
+    from glm_jax.models.ar import ArConfig, GlmImageAR
+    from glm_jax.pipeline import ar_token_ids
+    from glm_jax.sampling.ar_sampler import ArLayout
+    from glm_jax.tiny import tiny_ar_config
+    h = w = 256 if SMOKE else 1024
+    conf = dict(tiny_ar_config() if SMOKE else AR_CONFIG)
+    if a.layers:
+        conf["text_config"] = dict(conf["text_config"], num_hidden_layers=a.layers)
+    cfg = ArConfig.from_hf(conf)
+
+    def build():
+        from flax import nnx
+        return GlmImageAR(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+    n_codes, eos = ar_token_ids(cfg)
+    layout = ArLayout.t2i(h, w)
+    b = a.batch_per_device * n_dev
+    rng = np.random.default_rng(0)
+    p = prompts(cfg, b, layout, rng)
+    n = layout.n_tokens
+    tokens = np.concatenate([rng.integers(0, n_codes, (b, n - 1)), np.full((b, 1), eos)], 1).astype(np.int32)
+    batch = T.ArBatch(p.input_ids, p.attention_mask, p.position_ids, p.decode_positions, tokens,
+                      np.broadcast_to(layout.loss_mask(), (b, n)).copy(), rng.standard_normal(b).astype(np.float32),
+                      np.ones((b,), np.float32))
+    seq = p.input_ids.shape[1] + n - 2
+    flops = ar_flops(cfg, seq, b, weight_grads=not a.lora)
+    return build, batch, flops, b, {"ar_layers": cfg.text.num_layers, "tokens_per_seq": seq,
+                                    "n_codes": n_codes, "eos": eos}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("dit", "ar"), default="dit")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    ap.add_argument("--remat", default="dots")
+    ap.add_argument("--layers", type=int, default=0, help="keep the first N layers (0: all)")
+    ap.add_argument("--samples-per-device", type=int, default=1, help="DiT samples per device")
+    ap.add_argument("--batch-per-device", type=int, default=8, help="AR sequences per device")
+    ap.add_argument("--micro", type=int, default=4, help="AR micro-batch (global)")
+    ap.add_argument("--attention", default="", help="'' = cuDNN on GPU, else 'xla'")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args(argv)
+    distributed.initialize()
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.common import device_info, jax_sync, write_result
+    from glm_jax import sharding as S
+    from glm_jax.grpo import optim as O
+    from glm_jax.grpo import train_step as T
+    from glm_jax.sampling.ar_sampler import SamplingParams
+    from glm_jax.sharded_load import module_shardings
+
+    n_dev = jax.device_count()
+    name = "sharded_gpu" + (f"_{a.tag}" if a.tag else "")
+    res = {"device": device_info(), "part": a.part, "lora_rank": a.lora, "remat": a.remat, "devices": n_dev,
+           "processes": jax.process_count()}
+
+    def save():
+        if jax.process_index() == 0:
+            write_result(name, res)
+
+    mesh = S.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    build, batch, flops, b, info = (dit_case if a.part == "dit" else ar_case)(a, mesh, n_dev)
+    res.update(info, samples=b)
+    t0 = time.time()
+    table = module_shardings(nnx.eval_shape(build), mesh)
+    module = random_sharded(build, table)
+    if a.part == "dit":
+        module.remat = a.remat
+    else:
+        module.text.remat = a.remat
+    trainable = T.dit_trainable if a.part == "dit" else T.ar_trainable
+    if a.lora:
+        from glm_jax.lora import LoraConfig, add_lora, lora_trainable
+        with jax.set_mesh(mesh):
+            add_lora(module, LoraConfig(rank=a.lora, alpha=float(a.lora)), rngs=nnx.Rngs(1))
+        trainable = lora_trainable
+    tx = O.make_optimizer(O.OptimConfig(lr=1e-5, grad_clip=1.0, weight_decay=1e-4))
+    graphdef, ts = build_state(module, trainable, tx, mesh)
+    del module
+    jax_sync(ts)
+    pol = getattr(ts, a.part)
+    res["trained_params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(pol.params)))
+    res["state_s"] = time.time() - t0
+    res["state_peak_gib_per_device"] = peaks()
+    log(f"train state ({res['trained_params']:,} trained) in {res['state_s']:.0f}s, peak per device "
+        f"{res['state_peak_gib_per_device']}")
+    save()
+
+    if a.part == "dit":
+        spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, beta=0.0))
+    else:
+        spec = T.ArSpec(graphdef, tx, T.ArLossConfig(
+            n_codes=info["n_codes"], eos_id=info["eos"], sampling=SamplingParams(temperature=0.9, top_k=None,
+                                                                                  top_p=0.75),
+            micro_batch=a.micro))
+    step = S.ShardedUpdate(a.part, spec, mesh, ts)
     t0 = time.time()
     ts, m = step.update(ts, batch)
     jax_sync(m)
     res["compile_and_first_step_s"] = time.time() - t0
     log(f"first step (compile) {res['compile_and_first_step_s']:.0f}s, loss {float(m['loss']):.4g}")
-    write_result("sharded_gpu", res)
+    save()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -116,11 +255,11 @@ def main():
         jax_sync(m)
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
-    flops = 3 * dit_flops(cfg, (H // 16) * (W // 16), t_glyph, 0) * b
-    res.update(step_s=med, step_times=times, samples=b, mfu=flops / med / PEAK / n_dev,
-               samples_per_s=b / med, peak_gib_per_device=peaks(), grad_norm=float(m["grad_norm"]))
+    res.update(step_s=med, step_times=times, mfu=flops / med / PEAK / n_dev, samples_per_s=b / med,
+               tflops_per_s_per_device=flops / med / n_dev / 1e12, peak_gib_per_device=peaks(),
+               grad_norm=float(m["grad_norm"]))
     log(f"step {med:.3f}s for {b} samples, MFU {res['mfu']:.3f}, peak per device {res['peak_gib_per_device']}")
-    write_result("sharded_gpu", res)
+    save()
 
 
 if __name__ == "__main__":

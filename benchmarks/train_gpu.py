@@ -34,6 +34,7 @@ from flax import nnx
 
 from benchmarks.common import (
     SMOKE,
+    ar_flops,
     device_info,
     jax_sync,
     module_from_torch,
@@ -137,15 +138,6 @@ def run_dit(res: dict, policies: list[str]) -> None:
         jax.clear_caches()
         gc.collect()
         _write("train_gpu_dit", res)
-
-
-def ar_flops(cfg, tokens_per_seq: int, n_seq: int) -> float:
-    t = cfg.text
-    per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim + t.num_heads * t.head_dim
-                 * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
-    n_mat = t.num_layers * per_layer + t.hidden_size * t.vision_vocab_size
-    attn = t.num_layers * 4 * tokens_per_seq ** 2 * t.num_heads * t.head_dim
-    return 6 * n_mat * tokens_per_seq * n_seq + 3 * attn * n_seq
 
 
 def run_ar(res: dict, layers: int, batch: int, micro: int, policies: list[str]) -> None:

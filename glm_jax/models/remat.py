@@ -26,11 +26,18 @@ def check_policy(name: str) -> str:
 
 
 def layer_call(layer: nnx.Module, policy: str, *args, static_argnums: tuple[int, ...] = ()):
-    """Calls `layer(*args)`, under `nnx.remat` with the named policy unless it is "none".
+    """Calls `layer(*args)`, rematerialised with the named policy unless it is "none".
 
-    `static_argnums` index into `args` (strings, flags)."""
+    `static_argnums` index into `args` (strings, flags). The layer is split into its graph and state and the
+    pure `merge(graph, state)(*args)` goes through `jax.checkpoint` (layers hold no mutable state, so nothing is
+    written back). Unlike `nnx.remat`, this works when the layer's variables come from different traces, e.g.
+    LoRA adapters being differentiated next to frozen base kernels."""
     if policy == "none":
         return layer(*args)
-    fn = nnx.remat(lambda lyr, *a: lyr(*a), policy=REMAT_POLICIES[policy], prevent_cse=True,
-                   static_argnums=tuple(i + 1 for i in static_argnums))
-    return fn(layer, *args)
+    graphdef, state = nnx.split(layer)
+
+    def pure(st, *a):
+        return nnx.merge(graphdef, st)(*a)
+    fn = jax.checkpoint(pure, policy=REMAT_POLICIES[policy], prevent_cse=True,
+                        static_argnums=tuple(i + 1 for i in static_argnums))
+    return fn(state, *args)
