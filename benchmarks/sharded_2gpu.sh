@@ -1,0 +1,34 @@
+#!/bin/bash
+# The 2-GPU measurements of benchmarks/RESULTS.md ("Two GPUs"): run on a host with 2 GPUs, in the repository root.
+#   bash benchmarks/sharded_2gpu.sh dit       # DiT full fine-tuning on 2 GPUs: 1 process, 2 processes
+#   bash benchmarks/sharded_2gpu.sh dit_lora  # DiT LoRA: 1 GPU vs 2 GPUs
+#   bash benchmarks/sharded_2gpu.sh ar        # AR (real size) LoRA: 1 GPU vs 2 GPUs in 1 process (ar2: 2 processes)
+# Each run is its own process (fresh GPU memory); logs and JSON go to $OUT.
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+run() {   # run TAG LIMIT_S ARGS...
+    local tag=$1 limit=$2; shift 2
+    echo "=== $tag: $*"
+    timeout "$limit" "$@" --tag "$tag" > "$OUT/log_$tag.txt" 2>&1
+    echo "rc=$? $(grep -E '^\[' "$OUT/log_$tag.txt" | tail -3 | tr '\n' ' ')"
+    grep -E 'Error|error:' "$OUT/log_$tag.txt" | tail -2
+}
+L="python -m glm_jax.launch --nproc 2 --module benchmarks.sharded_gpu --"
+case "${1:-dit}" in
+dit)
+    run dit_full_fsdp2_1proc 270 python -m benchmarks.sharded_gpu --part dit --remat dots
+    run dit_full_fsdp2_2proc 270 $L --part dit --remat dots
+    ;;
+dit_lora)
+    CUDA_VISIBLE_DEVICES=0 run dit_lora64_1gpu 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots --samples-per-device 2
+    run dit_lora64_fsdp2_1proc 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
+    ;;
+ar)
+    CUDA_VISIBLE_DEVICES=0 run ar_lora64_1gpu 300 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 16 --micro 4
+    run ar_lora64_fsdp2_1proc 300 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4
+    ;;
+ar2)
+    run ar_lora64_fsdp2_2proc 300 $L --part ar --lora 64 --batch-per-device 8 --micro 4
+    ;;
+esac
