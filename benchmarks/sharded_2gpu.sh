@@ -2,7 +2,8 @@
 # The 2-GPU measurements of benchmarks/RESULTS.md ("Two GPUs"): run on a host with 2 GPUs, in the repository root.
 #   bash benchmarks/sharded_2gpu.sh dit       # DiT full fine-tuning on 2 GPUs: 1 process, 2 processes
 #   bash benchmarks/sharded_2gpu.sh dit_lora  # DiT LoRA: 1 GPU vs 2 GPUs
-#   bash benchmarks/sharded_2gpu.sh ar        # AR (real size) LoRA: 1 GPU vs 2 GPUs in 1 process (ar2: 2 processes)
+#   bash benchmarks/sharded_2gpu.sh ar1       # AR (real size) LoRA on 1 GPU
+#   bash benchmarks/sharded_2gpu.sh ar        # AR (real size) LoRA on 2 GPUs: 1 process, 2 processes
 # Each run is its own process (fresh GPU memory); logs and JSON go to $OUT.
 set -u
 OUT=${OUT:-out}
@@ -24,11 +25,11 @@ dit_lora)
     CUDA_VISIBLE_DEVICES=0 run dit_lora64_1gpu 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots --samples-per-device 2
     run dit_lora64_fsdp2_1proc 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
     ;;
-ar)
-    CUDA_VISIBLE_DEVICES=0 run ar_lora64_1gpu 300 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 16 --micro 4
-    run ar_lora64_fsdp2_1proc 300 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4
+ar1)
+    CUDA_VISIBLE_DEVICES=0 run ar_lora64_1gpu 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 16 --micro 4
     ;;
-ar2)
-    run ar_lora64_fsdp2_2proc 300 $L --part ar --lora 64 --batch-per-device 8 --micro 4
+ar)
+    run ar_lora64_fsdp2_1proc 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4
+    run ar_lora64_fsdp2_2proc 280 $L --part ar --lora 64 --batch-per-device 8 --micro 4
     ;;
 esac
