@@ -21,14 +21,14 @@ dit)
     run dit_full_fsdp2_1proc 270 python -m benchmarks.sharded_gpu --part dit --remat dots
     run dit_full_fsdp2_2proc 270 $L --part dit --remat dots
     ;;
-dit_lora)
-    CUDA_VISIBLE_DEVICES=0 run dit_lora64_1gpu 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots --samples-per-device 2
+dit_lora)    # the same 1 sample per device
+    CUDA_VISIBLE_DEVICES=0 run dit_lora64_1gpu 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
     run dit_lora64_fsdp2_1proc 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
     ;;
 ar1)
-    CUDA_VISIBLE_DEVICES=0 run ar_lora64_1gpu 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 16 --micro 4
+    CUDA_VISIBLE_DEVICES=0 run ar_lora64_1gpu 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 2
     ;;
-ar)
+ar)          # the same 8 sequences per device, 2 per micro-batch per device
     run ar_lora64_fsdp2_1proc 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4
     run ar_lora64_fsdp2_2proc 280 $L --part ar --lora 64 --batch-per-device 8 --micro 4
     ;;

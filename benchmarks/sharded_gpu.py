@@ -78,7 +78,8 @@ def random_sharded(build, table, seed: int = 0, scale: float = 0.02):
 
 def build_state(module, trainable, tx, mesh):
     """The `TrainState` of `module` (params selected by `trainable`, fp32 optimizer moments) made by one jit with
-    the state's shardings as outputs (no host copy, nothing replicated on the way)."""
+    the state's shardings as outputs (no host copy, nothing replicated on the way; the module's buffers are
+    donated to it, so the module must not be used afterwards)."""
     import jax
     from flax import nnx
 
@@ -90,7 +91,7 @@ def build_state(module, trainable, tx, mesh):
     def make(p, f):
         return T.init_train_state(jax.random.key(0), **{part: T.PolicyState(p, f, tx.init(p))})
     sh = S.train_state_shardings(jax.eval_shape(make, params, frozen), mesh)
-    ts = jax.jit(make, out_shardings=sh)(params, frozen)
+    ts = jax.jit(make, out_shardings=sh, donate_argnums=(0, 1))(params, frozen)   # no second copy of the weights
     return graphdef, ts
 
 
