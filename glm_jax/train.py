@@ -27,13 +27,17 @@ zeroed (`adapters_off`), i.e. the base model, with no second copy of the base we
 **EMA** (`ema.decay > 0`): a float32 EMA of the trained params (`glm_jax.ema`), updated every `ema.every` steps,
 checkpointed with the state, used by evaluation and (on request) by `python -m glm_jax.export --ema`.
 
-**Mesh** (`config.mesh`, `glm_jax.sharding`): one process uses all its devices, laid out as `data x fsdp x
-tensor` (default `data=-1`: data parallelism over every device; e.g. `--config.mesh.data=1
---config.mesh.fsdp=-1` for FSDP). With several devices the train state, references and EMA are sharded by the
-logical-axis rules, the updates are `sharding.ShardedUpdate`s (batches split over `data x fsdp`, so
-`train.groups_per_step x <part>.group_size` must be a multiple of it), and rollouts and evaluation run under the
-mesh; checkpoints restore into the same layout. One device runs as before. Several processes are not supported
-by the trainer yet (a one-line error).
+**Mesh** (`config.mesh`, `glm_jax.sharding`): the devices of every process, laid out as `data x fsdp x tensor`
+(default `data=-1`: data parallelism over every device; e.g. `--config.mesh.data=1 --config.mesh.fsdp=-1` for
+FSDP). With several devices every component is restored straight into its logical-axis sharding, the train state,
+references and EMA are sharded, the updates are `sharding.ShardedUpdate`s (batches split over `data x fsdp`, so
+`train.groups_per_step x <part>.group_size` must be a multiple of it), and the rollouts and evaluation run under
+the mesh as one computation split over its batch axes; checkpoints restore into the current layout (also another
+device count). Several processes (`python -m glm_jax.launch`, SLURM, `JAX_*` variables; `distributed.initialize`
+runs first): each loads its own `groups_per_step / processes` prompts with their targets, every process builds
+the conditioning of the whole global batch from its prompt texts, each scores its own prompts' images (outside the
+mesh, on its own devices), the scores are gathered so every process computes the same advantages, a stop signal
+on any process stops all after the same step, and only process 0 logs and writes images.
 
 **Evaluation** every `log.eval_every` steps and at the end: the eval split's prompts are generated with the
 current policy (EMA params when the EMA is on) by AR sampling and the DiT ODE (`log.eval_num_steps`,
