@@ -5,7 +5,8 @@
 starts N copies of `python -m glm_jax.train <train args>` (`--module` picks another module; `--no-python` runs
 the arguments after `--` as a command of their own) with the environment `glm_jax.distributed.initialize`
 reads: `JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>`, `JAX_NUM_PROCESSES=N`, `JAX_PROCESS_ID=i`, and, when
-the host has GPUs, `CUDA_VISIBLE_DEVICES` = the i-th visible GPU (one GPU per process). SIGINT / SIGTERM are
+the host has GPUs, `CUDA_VISIBLE_DEVICES` = the i-th visible GPU (one GPU per process; `--gpus-per-process K`
+gives process i the GPUs i*K .. i*K+K-1, e.g. 4 processes x 2 GPUs on one 8-GPU host to rehearse 4 hosts). SIGINT / SIGTERM are
 forwarded to every process (the trainer saves a checkpoint and exits); when one process fails, the others are
 stopped (SIGTERM, then SIGKILL after `--grace` seconds) and its exit code is returned. Without `--`, the
 arguments go to the module as well.
@@ -44,12 +45,14 @@ def visible_gpus(environ=None) -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def child_env(base, *, rank: int, nproc: int, coordinator: str, gpus: list[str]) -> dict[str, str]:
-    """The environment of process `rank`: the `JAX_*` multi-process variables and its GPU, if any."""
+def child_env(base, *, rank: int, nproc: int, coordinator: str, gpus: list[str], per_process: int = 1
+              ) -> dict[str, str]:
+    """The environment of process `rank`: the `JAX_*` multi-process variables and its GPUs, if any (the
+    `per_process` consecutive GPUs `rank * per_process ...`)."""
     env = dict(base)
     env.update(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(nproc), JAX_PROCESS_ID=str(rank))
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * per_process:(rank + 1) * per_process])
     return env
 
 
@@ -67,15 +70,20 @@ def _stop(procs: list[subprocess.Popen], grace: float) -> None:
 
 
 def run(cmd: list[str], nproc: int, *, host: str = "127.0.0.1", port: int = 0, grace: float = 30.0,
-        gpus: list[str] | None = None, environ=None) -> int:
-    """Runs `nproc` copies of `cmd` as one multi-process job; returns 0 when all succeed, else the exit code of
-    the first process that failed (the others are stopped)."""
+        gpus: list[str] | None = None, environ=None, gpus_per_process: int = 1) -> int:
+    """Runs `nproc` copies of `cmd` as one multi-process job, each with `gpus_per_process` GPUs (when the host
+    has GPUs); returns 0 when all succeed, else the exit code of the first process that failed (the others are
+    stopped)."""
     gpus = visible_gpus(environ) if gpus is None else gpus
-    if gpus and len(gpus) < nproc:
-        raise ValueError(f"--nproc {nproc}: only {len(gpus)} GPU(s) visible ({','.join(gpus)})")
+    if gpus_per_process < 1:
+        raise ValueError(f"--gpus-per-process {gpus_per_process}: must be >= 1")
+    if gpus and len(gpus) < nproc * gpus_per_process:
+        raise ValueError(f"--nproc {nproc} x --gpus-per-process {gpus_per_process}: only {len(gpus)} GPU(s) "
+                         f"visible ({','.join(gpus)})")
     coordinator = f"{host}:{port or free_port(host)}"
     base = os.environ if environ is None else environ
-    procs = [subprocess.Popen(cmd, env=child_env(base, rank=r, nproc=nproc, coordinator=coordinator, gpus=gpus))
+    procs = [subprocess.Popen(cmd, env=child_env(base, rank=r, nproc=nproc, coordinator=coordinator, gpus=gpus,
+                                                 per_process=gpus_per_process))
              for r in range(nproc)]
 
     def forward(signum, frame):
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, rest = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(prog="python -m glm_jax.launch", description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", type=int, required=True, help="number of processes (one per GPU on a GPU host)")
+    ap.add_argument("--gpus-per-process", type=int, default=1,
+                    help="GPUs of each process (e.g. 4 processes x 2 GPUs on an 8-GPU host)")
     ap.add_argument("--module", default="glm_jax.train", help="python module each process runs")
     ap.add_argument("--no-python", action="store_true", help="run the arguments after -- as the command")
     ap.add_argument("--host", default="127.0.0.1", help="coordinator address (process 0 listens there)")
@@ -123,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--no-python needs a command after --")
     cmd = rest if args.no_python else [sys.executable, "-m", args.module, *rest]
     try:
-        return run(cmd, args.nproc, host=args.host, port=args.port, grace=args.grace)
+        return run(cmd, args.nproc, host=args.host, port=args.port, grace=args.grace,
+                   gpus_per_process=args.gpus_per_process)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

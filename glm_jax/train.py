@@ -78,6 +78,8 @@ def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m glm_jax.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="configs/<mode>.py[:variant,variant...]")
     ap.add_argument("--workdir", required=True, help="checkpoints, logs and images go here; reruns resume")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="save a checkpoint and stop after this step (e.g. to fit a job time limit); rerun to resume")
     args, rest = ap.parse_known_args(argv)
     overrides = {}
     i = 0
@@ -486,7 +488,7 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     H, W = cfg.image.height, cfg.image.width
     t0 = time.perf_counter()
     it = D.eval_iterator(eval_ds, cfg.train.groups_per_step, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+                         process_count=jax.process_count(), global_sources=make.n_sources > 0)
     sched = stack.schedule(cfg.log.eval_num_steps, H, W)
     ar = current_split(setup, stack, "ar", use_ema=True)
     dit = current_split(setup, stack, "dit", use_ema=True)
@@ -893,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize()                  # several processes (launcher / SLURM environment); else nothing
     try:
         cfg = validate(apply_overrides(load_config(args.config), overrides))
-        train(cfg, args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True))
+        train(cfg, args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True), stop_after=args.stop_after)
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

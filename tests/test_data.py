@@ -355,6 +355,30 @@ def test_two_processes_see_disjoint_complete_shards(ds13):
     assert "multiple of process_count" in error_of(data.train_iterator, ds13, 5, process_count=2)
 
 
+def test_processes_share_the_global_prompts_and_sources(tmp_path):
+    """Each process holds its own rows (prompts, targets, sources) and knows the whole global batch's prompts and,
+    with `global_sources=True`, its sources (the conditioning every process builds for the rollouts)."""
+    n = 8
+    root = make_folder(tmp_path, [f"p{i}" for i in range(n)], {f"{i}.png": i for i in range(n)},
+                       {f"{i}.png": 20 + i for i in range(n)})
+    ds = data.load_dataset(root, "i2i")
+    one = data.train_iterator(ds, 4, seed=3, global_sources=True)
+    procs = [data.train_iterator(ds, 4, seed=3, process_index=p, process_count=2, global_sources=True)
+             for p in range(2)]
+    for _ in range(3):
+        g = next(one)
+        b = [next(it) for it in procs]
+        assert [x.rows for x in b] == [slice(0, 2), slice(2, 4)] and g.rows == slice(0, 4)
+        assert b[0].global_prompts == b[1].global_prompts == g.prompts == g.global_prompts
+        assert b[0].prompts + b[1].prompts == g.prompts
+        assert b[1].prompts == g.global_prompts[b[1].rows]
+        for x in b:
+            assert [mean_colour(s[0]) for s in x.global_sources] == [mean_colour(s[0]) for s in g.sources]
+            assert [mean_colour(s[0]) for s in x.sources] == [mean_colour(s[0]) for s in g.sources[x.rows]]
+    plain = next(data.train_iterator(ds, 4, seed=3, process_index=1, process_count=2))
+    assert plain.global_sources == () and len(plain.sources) == 2      # global sources only when asked for
+
+
 def test_state_restore_resumes_exactly(ds13):
     full = take(data.train_iterator(ds13, 4, seed=11), 10)
     it = data.train_iterator(ds13, 4, seed=11)

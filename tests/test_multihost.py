@@ -101,8 +101,13 @@ def test_launcher_env_gpus_and_fail_fast(tmp_path):
     assert env == {"A": "1", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:5", "JAX_NUM_PROCESSES": "2",
                    "JAX_PROCESS_ID": "1", "CUDA_VISIBLE_DEVICES": "6"}
     assert launch.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    gpus = [str(g) for g in range(8)]              # 4 processes x 2 GPUs: process 2 gets GPUs 4 and 5
+    env = launch.child_env({}, rank=2, nproc=4, coordinator="h:1", gpus=gpus, per_process=2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5"
     with pytest.raises(ValueError, match="--nproc 3"):
         launch.run(["true"], 3, gpus=["0", "1"])
+    with pytest.raises(ValueError, match="--gpus-per-process 2"):
+        launch.run(["true"], 2, gpus=["0", "1", "2"], gpus_per_process=2)
     # process 1 fails at once, process 0 would sleep 60 s: the launcher stops it and returns 3
     script = "import os, sys, time; pid = int(os.environ['JAX_PROCESS_ID']); time.sleep(60) if pid == 0 else sys.exit(3)"
     t = time.monotonic()
