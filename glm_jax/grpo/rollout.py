@@ -49,12 +49,25 @@ from glm_jax.pipeline import (
 from glm_jax.sampling import flow
 from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_keys, sample_tokens
 from glm_jax.sampling.schedule import FlowSchedule
+from glm_jax.sharding import constrain
 
 KEY_TOKENS, KEY_LATENT, KEY_NOISE, KEY_WINDOW = 0, 1, 2, 3
 
 
 def _merge(graphdef, state):
     return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
+
+
+def _rows(tree: Any, b: int, axis: int = 0) -> Any:
+    """The arrays of `tree` whose dimension `axis` has the batch size `b`, pinned to the batch axes of the mesh
+    (`sharding.constrain`; the identity without a mesh): the rollouts' explicit input and output shardings."""
+    def one(x):
+        if not hasattr(x, "shape") or len(x.shape) <= axis or x.shape[axis] != b:
+            return x
+        names = [None] * len(x.shape)
+        names[axis] = "batch"
+        return constrain(x, tuple(names))
+    return jax.tree.map(one, tree)
 
 
 # ---------------------------------------------------------------------------------------------------- AR
@@ -93,9 +106,11 @@ def _ar_sample_jit(graphdef, state, input_ids, attention_mask, position_ids, dec
                    n_codes, eos_id):
     model = _merge(graphdef, state)
     b, length = input_ids.shape
+    input_ids, attention_mask, keys = _rows((input_ids, attention_mask, keys), b)
+    position_ids, decode_positions = _rows((position_ids, decode_positions), b, axis=1)
     cache = model.init_cache(b, length + decode_positions.shape[-1] - 2)
-    return sample_tokens(model, input_ids, attention_mask, position_ids, decode_positions, keys, cache, params,
-                         n_codes=n_codes, eos_id=eos_id)
+    return _rows(sample_tokens(model, input_ids, attention_mask, position_ids, decode_positions, keys, cache,
+                               params, n_codes=n_codes, eos_id=eos_id), b)
 
 
 def sample_group_tokens(ar, prompts: ArPrompts, key: jax.Array, sample_ids: jax.Array, params: SamplingParams,
@@ -112,10 +127,12 @@ def sample_group_tokens(ar, prompts: ArPrompts, key: jax.Array, sample_ids: jax.
 def _render_jit(dit_graphdef, dit_state, tokens, glyph, neg, root, ids, sched, ref_kv, *, guidance, layout, height,
                 width):
     dit = _merge(dit_graphdef, dit_state)
+    b = tokens.shape[0]
+    tokens, glyph, neg, ids, ref_kv = _rows((tokens, glyph, neg, ids, ref_kv), b)
     cond = flow.make_cond(glyph, prior_ids(tokens, layout), height, width,
                           neg_glyph_BTD=neg if guidance > 1 else None, ref_kv=ref_kv)
     x_T = initial_noise(root, ids, height, width)
-    return flow.ode_sample(dit, x_T, cond, as_schedule(sched), guidance=guidance)
+    return _rows(flow.ode_sample(dit, x_T, cond, as_schedule(sched), guidance=guidance), b)
 
 
 @partial(jax.jit, static_argnames=("vae_graphdef",))
@@ -269,8 +286,10 @@ class DitGroupRollout(NamedTuple):
 def _sde_jit(dit_graphdef, dit_state, x_T, cond, sched, noise_root, sample_ids, noise_level, mask, *, guidance,
              kernel, num_sde):
     dit = _merge(dit_graphdef, dit_state)
-    return flow.sde_sample(dit, x_T, cond, as_schedule(sched), noise_root, sample_ids, guidance=guidance,
-                           noise_level=noise_level, kernel=kernel, sde_mask=mask, num_sde_steps=num_sde)
+    b = x_T.shape[0]
+    x_T, cond, sample_ids = _rows((x_T, cond, sample_ids), b)
+    return _rows(flow.sde_sample(dit, x_T, cond, as_schedule(sched), noise_root, sample_ids, guidance=guidance,
+                                 noise_level=noise_level, kernel=kernel, sde_mask=mask, num_sde_steps=num_sde), b)
 
 
 def dit_group_rollout(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.Array,
