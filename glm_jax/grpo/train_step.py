@@ -217,18 +217,20 @@ def _n_micro(batch: int, micro: int) -> int:
 
 
 def _to_micro(x, m: int, axis: int = 0):
-    """`[..., B, ...]` (batch at `axis`) -> `[m, ..., B/m, ...]` (contiguous chunks)."""
+    """`[..., B, ...]` (batch at `axis`) -> `[m, ..., B/m, ...]`: micro-batch i holds rows i, i + m, i + 2m, ...
+    Strided rather than contiguous, so that a batch split over devices in contiguous blocks (the mesh's batch
+    axes) gives every micro-batch the same share of rows on every device: no data moves and no device idles."""
     if x is None:
         return None
     x = jnp.asarray(x)
     b = x.shape[axis]
-    x = x.reshape(x.shape[:axis] + (m, b // m) + x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
+    x = x.reshape(x.shape[:axis] + (b // m, m) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis + 1, 0)
 
 
 def _from_micro(x):
-    """`[m, B/m, ...]` -> `[B, ...]`."""
-    return x.reshape((-1,) + x.shape[2:])
+    """`[m, B/m, ...]` (the strided micro-batches of `_to_micro`) -> `[B, ...]` in the original row order."""
+    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
 _SUMMED = ("policy_loss", "kl_loss", "tokens")
