@@ -107,7 +107,8 @@ def dit_run(tmp_path_factory):
 def test_resume_is_exact_with_ema(dit_run, tmp_path, capsys):
     straight, args = dit_run
     resumed = tmp_path / "resumed"
-    train.train(_cfg("configs/t2i.py:tiny,dit", args), str(resumed), log=lambda *_: None, stop_after=2)
+    assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(resumed), "--stop-after", "2",
+                       *args]) == 0                                     # save and stop after step 2
     assert sorted(os.listdir(resumed / "checkpoints")) == ["1", "2"]
     capsys.readouterr()
     assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(resumed), *args]) == 0
