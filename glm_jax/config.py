@@ -58,6 +58,8 @@ def base_config() -> ConfigDict:
         groups_per_step=16,              # prompts per optimizer step (each repeated group_size times)
         micro_batch=0,                   # samples per gradient-accumulation micro-batch; 0 = all at once
         num_iterations=1,                # inner epochs over one rollout
+        compile_cache="",                # persistent XLA compilation cache directory ("" = off): reruns and
+                                         # resumes load the compiled steps instead of compiling them again
     ))
     c.ar = ConfigDict(dict(
         group_size=8, temperature=0.9, top_p=0.75, top_k=0,          # top_k 0 = the whole code vocabulary

@@ -626,6 +626,18 @@ def make_train_mesh(cfg, log=print):
     return mesh
 
 
+def use_compile_cache(path: str, log=print) -> None:
+    """Turns on JAX's persistent compilation cache in `path` (`train.compile_cache`): every step that took more
+    than a second to compile is stored, and a rerun, a resume or another run with the same shapes loads it. Set
+    once per process (JAX keeps the first directory it used)."""
+    import jax
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    log(f"compilation cache: {path}")
+
+
 def _quiet(*_args, **_kw) -> None:
     """The log of processes other than 0."""
 
@@ -670,6 +682,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     main_process = jax.process_index() == 0
     if not main_process:
         log = _quiet
+    if cfg.train.compile_cache:
+        use_compile_cache(cfg.train.compile_cache, log)
     mesh = make_train_mesh(cfg, log)
     os.makedirs(workdir, exist_ok=True)
     if main_process:

@@ -292,3 +292,33 @@ def test_variants_compose():
     assert "structure" in c.reward.dit
     c = load_config("configs/t2i.py:dit,lora")
     assert c.lora.enabled and c.dit.lr == 3e-4 and c.ar.lr == 1e-5
+
+
+def test_compile_cache_is_written_and_reused_by_a_new_process(tmp_path):
+    """`train.compile_cache`: a first run stores its compiled steps; a second process (another workdir) loads
+    them from the cache instead of compiling (JAX's cache-hit events)."""
+    import subprocess
+    import sys
+    import textwrap
+    cache = tmp_path / "xla"
+    args = [*FAST[1:], "--config.train.steps=1", f"--config.train.compile_cache={cache}"]
+    code = textwrap.dedent(f"""
+        import sys, jax
+        from glm_jax import train
+        hits = []
+        jax.monitoring.register_event_listener(
+            lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+        assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", sys.argv[1], *{args!r}]) == 0
+        print("HITS", len(hits))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    outs = []
+    for name in ("first", "second"):
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600, check=False)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs.append(int(p.stdout.split("HITS")[-1]))
+    assert outs[0] == 0 and outs[1] > 0, outs
+    assert len(os.listdir(cache)) > 0
