@@ -520,7 +520,7 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     keep_all = distributed.gather_rows(keep)
     captions = [""] * len(prompts)
     for part in setup.parts:
-        res = rewards[part](images_np, ctx)           # each process scores its own rows; statistics over all
+        res = rewards[part].on_devices(images_np, ctx, jax.local_devices())   # own rows; statistics over all
         total = distributed.gather_rows(res.total)[keep_all]
         metrics[f"eval/{part}/reward/total_mean"] = float(np.nanmean(total))
         metrics[f"eval/{part}/reward/total_std"] = float(np.nanstd(total))
@@ -785,7 +785,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                         else [s for s in prep.first_sources[batch.rows] for _ in range(g)])
                 ctx = RewardContext.make([p for p in batch.prompts for _ in range(g)],
                                          targets=[t for t in batch.targets for _ in range(g)], sources=srcs)
-                res = rewards[part](images, ctx)
+                res = rewards[part].on_devices(images, ctx, jax.local_devices())   # every local device
                 components = {k: distributed.gather_rows(v) for k, v in res.components.items()}
                 total = distributed.gather_rows(res.total)
                 for k, v in components.items():          # the set's per-reward statistics over all processes

@@ -435,3 +435,25 @@ def test_rollouts_split_over_the_batch_axes_and_match_one_device():
     np.testing.assert_allclose(np.asarray(roll_m.logprobs), np.asarray(roll_1.logprobs), rtol=1e-4, atol=1e-3)
     diff = np.abs(np.asarray(roll_m.images).astype(int) - np.asarray(roll_1.images).astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+@needs8
+def test_reward_set_on_several_devices_scores_as_one_call():
+    """A process driving several devices scores its images on all of them (`RewardSet.on_devices`: blocks of
+    rows, one thread per device): the same scores as one call, for rewards with targets, sources and none."""
+    from glm_jax.rewards import RewardContext, build_reward_sets
+    rng = np.random.default_rng(4)
+    n = 7                                                                   # uneven blocks over 4 devices
+    images = rng.integers(0, 256, (n, 48, 40, 3), dtype=np.uint8)
+    targets = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) if i % 3 else
+               rng.integers(0, 256, (30, 20, 3), dtype=np.uint8) for i in range(n)]      # mixed target sizes
+    sources = [np.clip(im.astype(int) + rng.integers(-40, 40, im.shape), 0, 255).astype(np.uint8) for im in images]
+    rewards = build_reward_sets({"dit": {"ssim": 1.0, "structure": 0.5, "aesthetic_heuristic": 0.25}})["dit"]
+    ctx = RewardContext.make([f"p{i}" for i in range(n)], targets=targets, sources=sources)
+    one = rewards(images, ctx)
+    split = rewards.on_devices(images, ctx, jax.devices()[:4])
+    for name in one.components:
+        np.testing.assert_allclose(split.components[name], one.components[name], rtol=1e-6, atol=1e-7)
+        assert split.metrics[f"{name}/mean"] == pytest.approx(one.metrics[f"{name}/mean"], rel=1e-6)
+    np.testing.assert_allclose(split.total, one.total, rtol=1e-6, atol=1e-7)
+    assert np.ptp(one.total) > 0.01                                          # the samples score differently

@@ -94,6 +94,11 @@ class RewardContext:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def take(self, rows: slice) -> RewardContext:
+        """The context of samples `rows` (a slice)."""
+        cut = (lambda seq: None if seq is None else seq[rows])
+        return RewardContext(self.prompts[rows], cut(self.targets), cut(self.sources))
+
     def target(self, i: int, reward: str) -> np.ndarray:
         """Target image of sample `i`; RewardError naming the reward and prompt when there is none."""
         return self._get(self.targets, "target", i, reward)
@@ -241,6 +246,39 @@ class RewardSet:
             raise RewardError("empty reward set: configure at least one reward with a weight")
         total = combine(components, self.weights)
         return CombinedResult(total, components, metrics)
+
+    def on_devices(self, images: Any, ctx: RewardContext, devices: Sequence[Any]) -> CombinedResult:
+        """The set's result with the samples split into contiguous blocks over `devices`, each block scored in its
+        own thread with that device as JAX's default device (a process that drives several GPUs scores on all
+        of them). Every reward scores each image on its own, so the scores are those of one call; the metrics
+        `<reward>/seconds` are the slowest block's, the others the blocks' sample-weighted means."""
+        import jax
+        images = check_images(images)
+        b = images.shape[0]
+        k = min(len(devices), b)
+        if k <= 1:
+            return self(images, ctx)
+        edges = np.linspace(0, b, k + 1).round().astype(int)
+        blocks = [slice(int(edges[i]), int(edges[i + 1])) for i in range(k)]
+
+        def one(i: int) -> CombinedResult:
+            with jax.default_device(devices[i]):
+                return self(images[blocks[i]], ctx.take(blocks[i]))
+
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=k) as pool:
+            parts = list(pool.map(one, range(k)))
+        components = {n: np.concatenate([p.components[n] for p in parts]) for n in parts[0].components}
+        sizes = np.asarray([sl.stop - sl.start for sl in blocks], np.float64)
+        metrics: dict[str, float] = {}
+        for key in parts[0].metrics:
+            vals = np.asarray([p.metrics.get(key, math.nan) for p in parts], np.float64)
+            metrics[key] = float(vals.max()) if key.endswith("/seconds") else float(np.nansum(vals * sizes)
+                                                                                      / sizes.sum())
+        for name, v in components.items():
+            metrics[f"{name}/mean"] = float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
+            metrics[f"{name}/nan_frac"] = float(np.isnan(v).mean())
+        return CombinedResult(np.concatenate([p.total for p in parts]), components, metrics)
 
 
 SETS = ("ar", "dit")
