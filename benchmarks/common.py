@@ -80,20 +80,43 @@ def module_from_torch(torch_model, rules, build: Callable[[], nnx.Module], ignor
     return nnx.merge(graphdef, nnx.from_flat_state(pairs))
 
 
-def random_module(build: Callable[[], nnx.Module], seed: int = 0, scale: float = 0.02) -> nnx.Module:
+def random_module(build: Callable[[], nnx.Module], seed: int = 0, scale: float = 0.02, mesh=None) -> nnx.Module:
     """A module with random parameters, filled one array at a time on the device (no compile of a whole-model
-    initialiser, which takes minutes at 10B parameters): norm weights 1, everything else N(0, scale²)."""
-    graphdef, state = nnx.split(nnx.eval_shape(build))
+    initialiser, which takes minutes at 10B parameters): norm weights 1, biases 0 (1-D arrays), everything else
+    N(0, scale²). With `mesh`, every array is drawn straight into its logical-axis sharding
+    (`sharded_load.module_shardings`): each device draws only its own slices, with no host copy, so it works with
+    several processes too."""
+    abstract = nnx.eval_shape(build)
+    graphdef, state = nnx.split(abstract)
     pairs = list(nnx.to_flat_state(state))
     key = jax.random.key(seed)
-    normal = jax.jit(jax.random.normal, static_argnums=(1, 2))
+    if mesh is None:
+        normal = jax.jit(jax.random.normal, static_argnums=(1, 2))
+        for i, (path, var) in enumerate(pairs):
+            want = var.get_value()
+            if want.ndim == 1:
+                fill = jnp.ones if str(path[-1]) == "weight" else jnp.zeros
+                var.set_value(fill(want.shape, want.dtype))
+            else:
+                var.set_value(normal(jax.random.fold_in(key, i), want.shape, want.dtype)
+                              * jnp.asarray(scale, want.dtype))
+        return nnx.merge(graphdef, nnx.from_flat_state(pairs))
+    from glm_jax.sharded_load import module_shardings
+    from glm_jax.sharding import path_str
+    table = module_shardings(abstract, mesh)
+    fns: dict = {}
     for i, (path, var) in enumerate(pairs):
         want = var.get_value()
-        if want.ndim == 1:
-            fill = jnp.ones if str(path[-1]) == "weight" else jnp.zeros
-            var.set_value(fill(want.shape, want.dtype))
-        else:
-            var.set_value(normal(jax.random.fold_in(key, i), want.shape, want.dtype) * jnp.asarray(scale, want.dtype))
+        kind = ("ones" if str(path[-1]) == "weight" else "zeros") if want.ndim == 1 else "normal"
+        sh = table[path_str(path)]
+        k = (kind, want.shape, want.dtype, sh)
+        if k not in fns:
+            if kind == "normal":
+                fn = (lambda r, s=want.shape, d=want.dtype: jax.random.normal(r, s, d) * jnp.asarray(scale, d))
+            else:
+                fn = (lambda r, s=want.shape, d=want.dtype, f=jnp.ones if kind == "ones" else jnp.zeros: f(s, d))
+            fns[k] = jax.jit(fn, out_shardings=sh)
+        var.set_value(fns[k](jax.random.fold_in(key, i)))
     return nnx.merge(graphdef, nnx.from_flat_state(pairs))
 
 

@@ -65,22 +65,12 @@ def launch(layout: tuple[int, int], train_args: list[str], workdir: str, log_pat
 
 
 def trained_params(workdir: str) -> np.ndarray:
-    """The trained params of the newest checkpoint of `workdir`, flattened in path order, restored on one CPU
-    device whatever mesh saved them."""
-    import jax
-    import orbax.checkpoint as ocp
-    ckpts = os.path.join(workdir, "checkpoints")
-    step = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-    path = os.path.abspath(os.path.join(ckpts, str(step), "state"))
-    ckpt = ocp.StandardCheckpointer()
-    one = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          ckpt.metadata(path).item_metadata)
-    tree = ckpt.restore(path, target)
-    parts = [k for k in ("ar", "dit") if k in tree]
-    leaves = sorted(((p, jax.tree_util.keystr(k), v) for p in parts
-                     for k, v in jax.tree_util.tree_leaves_with_path(tree[p]["params"])), key=lambda x: x[:2])
-    return np.concatenate([np.asarray(v, np.float64).ravel() for _, _, v in leaves])
+    """The trained params of the newest checkpoint of `workdir`, flattened in path order, read as host arrays by
+    the exporter (`glm_jax.export.run_params`) whatever mesh saved them."""
+    from glm_jax.export import run_params
+    _, parts = run_params(workdir)
+    return np.concatenate([np.asarray(parts[p][k], np.float64).ravel() for p in sorted(parts)
+                           for k in sorted(parts[p])])
 
 
 def last_throughput(log_path: str) -> float | None:
@@ -102,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", default="", help="keep the workdirs here (default: a temporary directory)")
     a = ap.parse_args(argv)
     import jax
-    jax.config.update("jax_platforms", "cpu")          # this process only restores checkpoints
+    jax.config.update("jax_platforms", "cpu")          # this process only reads checkpoints
     layouts = [parse_layout(x) for x in a.layouts.split(",") if x.strip()]
     root = a.keep or tempfile.mkdtemp(prefix="process_layouts-")
     os.makedirs(root, exist_ok=True)

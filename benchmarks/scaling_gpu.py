@@ -42,12 +42,11 @@ def main(argv=None):
     import numpy as np
     from flax import nnx
 
-    from benchmarks.common import SMOKE, device_info, jax_sync, write_result
+    from benchmarks.common import SMOKE, device_info, jax_sync, random_module, write_result
     from benchmarks.real_configs import AR_CONFIG, DIT_CONFIG, VAE_CONFIG
     from benchmarks.rollout_gpu import prompts as random_prompts
-    from benchmarks.sharded_gpu import build_state, log, peaks, random_sharded
+    from benchmarks.sharded_gpu import log, peaks, train_state
     from glm_jax import sharding as S
-    from glm_jax.grpo import optim as O
     from glm_jax.grpo import rollout as R
     from glm_jax.grpo import train_step as T
     from glm_jax.grpo.advantages import compute_advantages
@@ -58,7 +57,6 @@ def main(argv=None):
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams
     from glm_jax.sampling.schedule import flow_schedule
-    from glm_jax.sharded_load import module_shardings
     from glm_jax.tiny import scheduler_config
 
     ar_conf, dit_conf, vae_conf = AR_CONFIG, DIT_CONFIG, VAE_CONFIG
@@ -84,7 +82,7 @@ def main(argv=None):
     ar_cfg, dit_cfg = ArConfig.from_hf(ar_conf), DiTConfig.from_hf(dit_conf)
 
     def sharded(build):
-        return random_sharded(build, module_shardings(nnx.eval_shape(build), mesh))
+        return random_module(build, mesh=mesh)
     ar = nnx.split(sharded(lambda: GlmImageAR(ar_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                               rngs=nnx.Rngs(0), with_vision=False)))
     vae = nnx.split(sharded(lambda: AutoencoderKL(VAEConfig.from_hf(vae_conf), dtype=jnp.bfloat16,
@@ -92,14 +90,7 @@ def main(argv=None):
     dit = sharded(lambda: GlmImageDiT(dit_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attn,
                                       rngs=nnx.Rngs(0)))
     dit.remat = "dots"
-    trainable = T.dit_trainable
-    if a.lora:
-        from glm_jax.lora import LoraConfig, add_lora, lora_trainable
-        with jax.set_mesh(mesh):
-            add_lora(dit, LoraConfig(rank=a.lora, alpha=float(a.lora)), rngs=nnx.Rngs(1))
-        trainable = lora_trainable
-    tx = O.make_optimizer(O.OptimConfig(lr=1e-5, grad_clip=1.0, weight_decay=1e-4))
-    graphdef, ts = build_state(dit, trainable, tx, mesh)
+    graphdef, ts, tx = train_state(dit, T.dit_trainable, a.lora, mesh)
     del dit
     n_samples = p_global * a.group
     spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, micro_batch=n_dev))

@@ -48,43 +48,23 @@ def peaks() -> list[float]:
     return [round(float(x), 2) for x in distributed.gather_rows(np.asarray(out, np.float64))]
 
 
-def random_sharded(build, table, seed: int = 0, scale: float = 0.02):
-    """A module with random parameters drawn straight into their shardings (`table`: `{path: sharding}`): norm
-    weights 1, biases 0, everything else N(0, scale²); each device generates only its own slices."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from glm_jax.sharding import path_str
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    pairs = list(nnx.to_flat_state(state))
-    key = jax.random.key(seed)
-    fns = {}
-    for i, (path, var) in enumerate(pairs):
-        want = var.get_value()
-        sh = table[path_str(path)]
-        kind = ("ones" if str(path[-1]) == "weight" else "zeros") if want.ndim == 1 else "normal"
-        k = (kind, want.shape, want.dtype, sh)
-        if k not in fns:
-            if kind == "normal":
-                fns[k] = jax.jit(lambda r, s=want.shape, d=want.dtype: (jax.random.normal(r, s, jnp.float32)
-                                                                        * scale).astype(d), out_shardings=sh)
-            else:
-                fill = jnp.ones if kind == "ones" else jnp.zeros
-                fns[k] = jax.jit(lambda r, s=want.shape, d=want.dtype, f=fill: f(s, d), out_shardings=sh)
-        var.set_value(fns[k](jax.random.fold_in(key, i)))
-    return nnx.merge(graphdef, nnx.from_flat_state(pairs))
-
-
-def build_state(module, trainable, tx, mesh):
-    """The `TrainState` of `module` (params selected by `trainable`, fp32 optimizer moments) made by one jit with
-    the state's shardings as outputs (no host copy, nothing replicated on the way; the module's buffers are
-    donated to it, so the module must not be used afterwards)."""
+def train_state(module, trainable, lora_rank: int, mesh):
+    """`(graphdef, TrainState, tx)` of `module` on `mesh`: LoRA adapters of rank `lora_rank` added first when it
+    is > 0 (then only they are trained), AdamW with global-norm clip and fp32 moments, the state made by one jit
+    with its shardings as outputs (no host copy, nothing replicated on the way; the module's buffers are donated to
+    it, so the module must not be used afterwards)."""
     import jax
     from flax import nnx
 
     from glm_jax import sharding as S
+    from glm_jax.grpo import optim as O
     from glm_jax.grpo import train_step as T
+    if lora_rank:
+        from glm_jax.lora import LoraConfig, add_lora, lora_trainable
+        with jax.set_mesh(mesh):
+            add_lora(module, LoraConfig(rank=lora_rank, alpha=float(lora_rank)), rngs=nnx.Rngs(1))
+        trainable = lora_trainable
+    tx = O.make_optimizer(O.OptimConfig(lr=1e-5, grad_clip=1.0, weight_decay=1e-4))
     graphdef, params, frozen = nnx.split(module, trainable, ...)
     part = "dit" if type(module).__name__.endswith("DiT") else "ar"
 
@@ -92,7 +72,7 @@ def build_state(module, trainable, tx, mesh):
         return T.init_train_state(jax.random.key(0), **{part: T.PolicyState(p, f, tx.init(p))})
     sh = S.train_state_shardings(jax.eval_shape(make, params, frozen), mesh)
     ts = jax.jit(make, out_shardings=sh, donate_argnums=(0, 1))(params, frozen)   # no second copy of the weights
-    return graphdef, ts
+    return graphdef, ts, tx
 
 
 def dit_case(a, mesh, n_dev):
@@ -189,14 +169,11 @@ def main(argv=None):
     distributed.initialize()
     import jax
     import numpy as np
-    from flax import nnx
 
-    from benchmarks.common import device_info, jax_sync, write_result
+    from benchmarks.common import device_info, jax_sync, random_module, write_result
     from glm_jax import sharding as S
-    from glm_jax.grpo import optim as O
     from glm_jax.grpo import train_step as T
     from glm_jax.sampling.ar_sampler import SamplingParams
-    from glm_jax.sharded_load import module_shardings
 
     n_dev = jax.device_count()
     name = "sharded_gpu" + (f"_{a.tag}" if a.tag else "")
@@ -211,20 +188,12 @@ def main(argv=None):
     build, batch, flops, b, info = (dit_case if a.part == "dit" else ar_case)(a, mesh, n_dev)
     res.update(info, samples=b)
     t0 = time.time()
-    table = module_shardings(nnx.eval_shape(build), mesh)
-    module = random_sharded(build, table)
+    module = random_module(build, mesh=mesh)
     if a.part == "dit":
         module.remat = a.remat
     else:
         module.text.remat = a.remat
-    trainable = T.dit_trainable if a.part == "dit" else T.ar_trainable
-    if a.lora:
-        from glm_jax.lora import LoraConfig, add_lora, lora_trainable
-        with jax.set_mesh(mesh):
-            add_lora(module, LoraConfig(rank=a.lora, alpha=float(a.lora)), rngs=nnx.Rngs(1))
-        trainable = lora_trainable
-    tx = O.make_optimizer(O.OptimConfig(lr=1e-5, grad_clip=1.0, weight_decay=1e-4))
-    graphdef, ts = build_state(module, trainable, tx, mesh)
+    graphdef, ts, tx = train_state(module, T.dit_trainable if a.part == "dit" else T.ar_trainable, a.lora, mesh)
     del module
     jax_sync(ts)
     pol = getattr(ts, a.part)

@@ -138,13 +138,20 @@ def process_rows(n_global: int) -> slice:
     return slice(i * k, (i + 1) * k)
 
 
+def _row_blocks(x) -> dict[tuple[int, int], Any]:
+    """`{(start, stop): data}`: the blocks of rows of a global array (split on its first dimension, or
+    replicated) held by this process's devices, each block once."""
+    blocks: dict[tuple[int, int], Any] = {}
+    for s in x.addressable_shards:
+        start, stop, _ = s.index[0].indices(x.shape[0]) if s.index else (0, x.shape[0], 1)
+        blocks.setdefault((start, stop), s.data)
+    return blocks
+
+
 def local_rows(x) -> tuple[slice, np.ndarray]:
     """`(rows, values)`: the rows of a global array sharded on its first dimension that this process holds, e.g.
     the images it scores with a host-side reward (OCR). A fully local array gives all rows."""
-    shards = {}
-    for s in x.addressable_shards:
-        start, stop, _ = s.index[0].indices(x.shape[0]) if s.index else (0, x.shape[0], 1)
-        shards.setdefault((start, stop), s.data)
+    shards = _row_blocks(x)
     spans = sorted(shards)
     for (_, b), (c, _) in itertools.pairwise(spans):
         if b != c:
@@ -168,11 +175,8 @@ def own_rows(x, rows: slice) -> np.ndarray:
     start, stop, _ = rows.indices(x.shape[0])
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)[start:stop]
-    have: dict[tuple[int, int], Any] = {}
-    for s in x.addressable_shards:
-        a, b, _ = s.index[0].indices(x.shape[0]) if s.index else (0, x.shape[0], 1)
-        have.setdefault((a, b), s.data)
-    covered, parts, at = True, [], start
+    have = _row_blocks(x)
+    parts, at = [], start
     for (a, b) in sorted(have):
         if a <= at < b:
             parts.append(np.asarray(have[(a, b)])[at - a:min(b, stop) - a])

@@ -677,6 +677,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.monitor import Monitor, image_grid
     from glm_jax.pipeline import GlmImageStack
     from glm_jax.rewards import RewardContext, build_reward_sets
+    from glm_jax.rewards.base import component_metrics
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
 
     main_process = jax.process_index() == 0
@@ -788,9 +789,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                 res = rewards[part].on_devices(images, ctx, jax.local_devices())   # every local device
                 components = {k: distributed.gather_rows(v) for k, v in res.components.items()}
                 total = distributed.gather_rows(res.total)
-                for k, v in components.items():          # the set's per-reward statistics over all processes
-                    res.metrics[f"{k}/mean"] = float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
-                    res.metrics[f"{k}/nan_frac"] = float(np.isnan(v).mean())
+                res.metrics.update(component_metrics(components))    # per-reward statistics over all processes
                 group_ids = distributed.own_rows(roll_group_ids, slice(None))
                 times[f"time/{part}_rewards_s"] = time.perf_counter() - t0
                 adv = compute_advantages(components, group_ids, reward_weights=rewards[part].weights,

@@ -50,16 +50,13 @@ def _launch(nproc: int, body: str) -> subprocess.Popen:
 
 
 def _params(work, step: int) -> np.ndarray:
-    """The trained params of `work`'s checkpoint at `step`, flattened in path order (restored onto this process's
-    first device whatever mesh saved them)."""
+    """The trained params of `work`'s checkpoint at `step`, flattened in path order (read as host arrays by the
+    exporter's reader, whatever mesh saved them)."""
     import jax
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(os.path.join(work, "checkpoints", str(step), "state"))
-    ckpt = ocp.StandardCheckpointer()
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          ckpt.metadata(path).item_metadata)
-    tree = ckpt.restore(path, target)["dit"]["params"]
+
+    from glm_jax.export import read_state, state_path
+    _, path = state_path(str(work), step)
+    tree = read_state(path, [("dit", "params")])["dit"]["params"]
     leaves = sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda kv: jax.tree_util.keystr(kv[0]))
     return np.concatenate([np.asarray(v, np.float64).ravel() for _, v in leaves])
 

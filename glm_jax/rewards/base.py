@@ -221,6 +221,17 @@ def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) 
     return np.where(valid.any(axis=0), total, np.nan).astype(np.float32)
 
 
+def component_metrics(components: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """`<reward>/mean` (over the applicable samples; NaN when none is) and `<reward>/nan_frac` of each component,
+    e.g. of scores gathered from several processes."""
+    out: dict[str, float] = {}
+    for name, v in components.items():
+        v = np.asarray(v, np.float64)
+        out[f"{name}/mean"] = float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
+        out[f"{name}/nan_frac"] = float(np.isnan(v).mean())
+    return out
+
+
 class RewardSet:
     """Named rewards with weights; calling it scores a batch with each reward and combines them."""
 
@@ -239,8 +250,7 @@ class RewardSet:
             res = reward(images, ctx)
             components[name] = res.scores
             metrics[f"{name}/seconds"] = res.seconds
-            metrics[f"{name}/mean"] = float(np.nanmean(res.scores)) if (~np.isnan(res.scores)).any() else math.nan
-            metrics[f"{name}/nan_frac"] = float(np.isnan(res.scores).mean())
+            metrics.update(component_metrics({name: res.scores}))
             metrics.update({f"{name}/{k}": float(v) for k, v in res.metrics.items()})
         if not components:
             raise RewardError("empty reward set: configure at least one reward with a weight")
@@ -275,9 +285,7 @@ class RewardSet:
             vals = np.asarray([p.metrics.get(key, math.nan) for p in parts], np.float64)
             metrics[key] = float(vals.max()) if key.endswith("/seconds") else float(np.nansum(vals * sizes)
                                                                                       / sizes.sum())
-        for name, v in components.items():
-            metrics[f"{name}/mean"] = float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
-            metrics[f"{name}/nan_frac"] = float(np.isnan(v).mean())
+        metrics.update(component_metrics(components))
         return CombinedResult(np.concatenate([p.total for p in parts]), components, metrics)
 
 
