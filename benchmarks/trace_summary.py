@@ -1,4 +1,5 @@
-"""Summarise a `jax.profiler` perfetto trace: total GPU kernel time by kernel name (top N) and by category.
+"""Summarise a `jax.profiler` perfetto trace: total GPU kernel time by kernel name (top N) and by category
+(attention / gemm / copy / reduction / elementwise, from the kernel names).
 
     python -m benchmarks.trace_summary TRACE_DIR [--top 40] [--steps N]
 """
@@ -24,6 +25,22 @@ def load_events(trace_dir: str) -> tuple[list[dict], dict[int, str]]:
     return events, names
 
 
+CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports them
+    ("attention", ("cudnn", "fmha", "flash", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "triton_gemm", "dot")),
+    ("copy", ("memcpy", "memset", "copy", "transpose", "concatenate", "slice")),
+    ("reduction", ("reduce",)),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "elementwise / other"
+
+
 def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
     events, pnames = load_events(trace_dir)
     gpu_pids = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n or "stream" in n.lower()}
@@ -32,16 +49,35 @@ def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
     streams = {k for k, n in tnames.items() if n.lower().startswith("stream")}
     by_name: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
+    by_op: collections.Counter = collections.Counter()     # XLA instruction that launched the kernel, if recorded
+    op_kernel: dict[str, str] = {}
+    arg_keys: set[str] = set()
     for e in events:
         on_gpu = e.get("pid") in gpu_pids and (not streams or (e.get("pid"), e.get("tid")) in streams)
         if e.get("ph") == "X" and on_gpu and "dur" in e:
             by_name[e["name"]] += e["dur"]
             count[e["name"]] += 1
+            args = e.get("args") or {}
+            arg_keys.update(args)
+            op = args.get("hlo_op") or args.get("long_name")
+            if op:
+                by_op[op] += e["dur"]
+                op_kernel.setdefault(op, e["name"][:60])
     total = sum(by_name.values())
+    by_cat: collections.Counter = collections.Counter()
+    n_cat: collections.Counter = collections.Counter()
+    for n, d in by_name.items():
+        by_cat[category(n)] += d
+        n_cat[category(n)] += count[n]
+    cats = {c: {"us_per_step": d / steps, "calls_per_step": n_cat[c] / steps, "share": d / max(total, 1)}
+            for c, d in by_cat.most_common()}
     rows = [{"name": n[:120], "us_per_step": d / steps, "calls_per_step": count[n] / steps,
              "share": d / max(total, 1)} for n, d in by_name.most_common(top)]
     return {"gpu_processes": sorted(pnames[p] for p in gpu_pids), "threads": sorted(set(tnames.values()))[:20], "kernel_us_per_step": total / steps,
-            "kernels_per_step": sum(count.values()) / steps, "top": rows}
+            "kernels_per_step": sum(count.values()) / steps, "categories": cats, "top": rows,
+            "event_arg_keys": sorted(arg_keys)[:40],
+            "top_ops": [{"op": o[:80], "kernel": op_kernel[o], "us_per_step": d / steps}
+                        for o, d in by_op.most_common(top)]}
 
 
 def main():

@@ -299,7 +299,46 @@ def test_block_remat_keeps_loss_and_gradients(models, policy, lora):
 
     ref_l, ref_g = jax.jit(jax.value_and_grad(loss), static_argnums=2)(params, frozen, "none")
     l, g = jax.jit(jax.value_and_grad(loss), static_argnums=2)(params, frozen, policy)
-    assert abs(float(l) - float(ref_l)) <= 1e-6 * abs(float(ref_l))
+    assert abs(float(l) - float(ref_l)) <= 1e-5 * abs(float(ref_l))
     for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-7)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(ref_g)) > 0
+
+
+@pytest.mark.parametrize("t", [5, 0])
+def test_gradients_match_diffusers(models, t):
+    """The backward pass (the training signal) equals torch autograd's: gradients of `<out, cotangent>` with
+    respect to every parameter and to the latents, fp32. Covers the hand-written backward passes of the FF GELU
+    and the qk LayerNorm + RoPE, the per-stream modulation of the joint text + image stream and its reduction."""
+    from conversion.table import find_torch
+    torch_model, model = models
+    x = make_inputs(40 + t, 2, 8, 12, t, "mixed")
+    cot = np.random.default_rng(1).standard_normal((2, 8, 12, 16)).astype(np.float32)
+
+    torch_model.zero_grad(set_to_none=True)
+    lat = torch.from_numpy(x["latents"]).requires_grad_(True)
+    out = torch_model(hidden_states=lat, encoder_hidden_states=torch.from_numpy(x["glyph"]),
+                      prior_token_id=torch.from_numpy(x["ids"]), prior_token_drop=torch.from_numpy(x["drop"]),
+                      timestep=torch.from_numpy(x["timestep"]), target_size=torch.from_numpy(x["size"]),
+                      crop_coords=torch.from_numpy(x["crop"]), return_dict=False)[0]
+    (out * torch.from_numpy(cot.transpose(0, 3, 1, 2))).sum().backward()
+    want = {k: p.grad.numpy() for k, p in torch_model.named_parameters() if p.grad is not None}
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    args = (jnp.asarray(x["glyph"]), jnp.asarray(x["ids"]), jnp.asarray(x["drop"]), jnp.asarray(x["timestep"]),
+            jnp.asarray(x["size"]), jnp.asarray(x["crop"]))
+
+    def f(params, latents):
+        return jnp.vdot(nnx.merge(graphdef, params)(latents, *args)[0], jnp.asarray(cot))
+    g_params, g_lat = jax.jit(jax.grad(f, argnums=(0, 1)))(params, jnp.asarray(x["latents"].transpose(0, 2, 3, 1)))
+    got = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g_params)}
+    assert rel_err(np.asarray(g_lat), lat.grad.numpy().transpose(0, 2, 3, 1)) < TOL
+    checked = 0
+    for key, g in want.items():
+        path, rule = find_torch(RULES, key)
+        ours = got[path].T if rule.transform == "linear" else got[path]
+        if t == 0 and key.startswith("glyph_projector"):
+            continue                                   # no glyph tokens: torch leaves these at zero, as we do
+        assert rel_err(ours, g) < 1e-4, (key, rel_err(ours, g))
+        checked += 1
+    assert checked >= 10 * torch_model.config.num_layers

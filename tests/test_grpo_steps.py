@@ -353,7 +353,9 @@ def test_dit_learns_a_colour_reward(stack, prompts, glyph):
           f"lr 0 z={z0:.1f}, KL last {kls[-1]:.3g}")
     assert z > 3, (z, curve[:10].mean(), curve[-10:].mean())
     assert z0 < 3, z0
-    assert np.all(np.isfinite(kls)) and kls[-1] > 0 and np.all(flat_kl == 0)
+    # lr 0: the policy is the reference, so the KL vanishes (up to last-bit rounding: the reference forward is
+    # not differentiated, and XLA may fuse it differently from the policy's, e.g. around the DiT's custom VJPs)
+    assert np.all(np.isfinite(kls)) and kls[-1] > 0 and np.all(np.abs(flat_kl) < 1e-12), flat_kl.max()
 
 
 AR_LAYOUT = ArLayout.i2i(H, W)  # the 2x2 target grid only (N = 5)
@@ -416,4 +418,6 @@ def test_ar_learns_a_colour_reward_of_its_decoded_images(stack, glyph):
           f"lr 0 z={z0:.1f}, KL last {kls[-1]:.3g}")
     assert z > 3, (z, curve[:10].mean(), curve[-10:].mean())
     assert z0 < 3, z0
-    assert np.all(np.isfinite(kls)) and kls[-1] > 0 and np.all(flat_kl == 0)
+    # lr 0: the policy is the reference, so the KL vanishes (up to last-bit rounding: the reference forward is
+    # not differentiated, and XLA may fuse it differently from the policy's, e.g. around the DiT's custom VJPs)
+    assert np.all(np.isfinite(kls)) and kls[-1] > 0 and np.all(np.abs(flat_kl) < 1e-12), flat_kl.max()

@@ -11,6 +11,8 @@ Layout: latents are channels-last `[B, H', W', C]` (H' = H/8) in and out; the to
         12 chunks of norm1.linear(temb): shift, c_shift, scale, c_scale, gate, c_gate (attention) then the same
         six for the FF ("c_" = text stream)
         s = [LN(txt)(1 + c_scale) + c_shift ; LN(img)(1 + scale) + shift]
+        (computed on the joint stream x = [txt ; img]: every matmul sees both streams at once, the modulation
+        vector is picked per position)
         q, k, v = heads(s W + b); q, k = LN_head(q), LN_head(k); 2-D RoPE on the image tokens only
         o = to_out(softmax(q k^T / sqrt(head_dim)) v)     (no mask: padded glyph positions are attended)
         txt += o_txt * c_gate; img += o_img * gate; then the same with a tanh-GELU FF (shared weights)
@@ -148,9 +150,7 @@ def rope_2d(height: int, width: int, head_dim: int) -> tuple[jax.Array, jax.Arra
 def apply_rope(x_BNHD: jax.Array, cos_ND: jax.Array, sin_ND: jax.Array) -> jax.Array:
     """`x cos + [-x[D/2:], x[:D/2]] sin` in float32, cast back to the dtype of `x`."""
     x32 = x_BNHD.astype(jnp.float32)
-    a, b = jnp.split(x32, 2, axis=-1)
-    rot = jnp.concatenate([-b, a], axis=-1)
-    out = x32 * cos_ND[None, :, None, :] + rot * sin_ND[None, :, None, :]
+    out = x32 * cos_ND[None, :, None, :] + _rotate_half(x32) * sin_ND[None, :, None, :]
     return out.astype(x_BNHD.dtype)
 
 
@@ -175,15 +175,115 @@ def _act32(fn, x: jax.Array) -> jax.Array:
 
 
 def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
+    return _act32(lambda v: jax.nn.gelu(v, approximate=False), x)
 
 
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
+def _silu(x):
+    return _act32(jax.nn.silu, x)
 
 
-def _modulate(x_BLD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
-    return layer_norm(x_BLD, None, None, LN_EPS) * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def _gelu_tanh_saving_input(x: jax.Array) -> jax.Array:
+    return _act32(lambda v: jax.nn.gelu(v, approximate=True), x)
+
+
+def _gelu_tanh_fwd(x):
+    return _gelu_tanh_saving_input(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    th = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32))
+    d = 0.5 * (1.0 + th) + 0.5 * x32 * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
+    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+_gelu_tanh_saving_input.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    """The FF's tanh GELU, evaluated in float32 and cast back to the dtype of `x`.
+
+    Its backward pass keeps only `x` (the matmul output, in the compute dtype) and recomputes the derivative from
+    it; plain autodiff of the float32 formula would keep a float32 `tanh` of the whole `[tokens, ff_dim]`
+    activation per block (4x the bytes of `x` in bf16) and stream it twice more."""
+    return _gelu_tanh_saving_input(x)
+
+
+def _modulate(x_BLD: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """`LN(x)(1 + scale) + shift`; `shift` / `scale` are `[B, D]` (one per sample) or broadcast to `x`."""
+    if shift.ndim == 2:
+        shift, scale = shift[:, None, :], scale[:, None, :]
+    return layer_norm(x_BLD, None, None, LN_EPS) * (1 + scale) + shift
+
+
+def _per_stream(txt_BD: jax.Array, img_BD: jax.Array, t: int, length: int) -> jax.Array:
+    """`[B, L, D]` modulation of the joint stream: `txt_BD` at the first `t` positions, `img_BD` at the others.
+
+    A concatenation of broadcasts: it fuses into its consumer (nothing of size `[B, L, D]` is written), and its
+    gradient reduces each stream over its own positions only (a `where` would reduce both over all of them)."""
+    b, d = img_BD.shape
+    return jnp.concatenate([jnp.broadcast_to(txt_BD[:, None, :], (b, t, d)),
+                            jnp.broadcast_to(img_BD[:, None, :], (b, length - t, d))], axis=1)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    a, b = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-b, a], axis=-1)
+
+
+def _rotate_half_t(y: jax.Array) -> jax.Array:
+    """Transpose of `_rotate_half`: `[y2, -y1]`."""
+    a, b = jnp.split(y, 2, axis=-1)
+    return jnp.concatenate([b, -a], axis=-1)
+
+
+def _head_stats(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and `1 / sqrt(var + eps)` over the last axis (the head dimension), kept dims."""
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mean
+    return mean, jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + LN_EPS)
+
+
+@jax.custom_vjp
+def _norm_rope(x_BLHD: jax.Array, cos_LD: jax.Array, sin_LD: jax.Array) -> jax.Array:
+    """Per-head qk LayerNorm (no affine) then RoPE, `apply_rope(layer_norm(x))`, in float32, one rounding to the
+    dtype of `x` at the end (torch also rounds the normalised heads before the RoPE; XLA's default excess
+    precision drops that rounding in the plain composition too).
+
+    Written as `rstd * ((x - mean) cos + rot(x - mean) sin)` with the statistics behind an optimisation barrier,
+    so that XLA emits one small reduction and one elementwise pass that reads `x` and writes the output, instead
+    of writing the normalised heads in float32 and reading them back for the RoPE. The backward pass keeps `x`
+    and the statistics (not the float32 normalised heads) and is done the same way. RoPE tables are constants:
+    their cotangent is zero."""
+    return _norm_rope_fwd(x_BLHD, cos_LD, sin_LD)[0]
+
+
+def _norm_rope_fwd(x, cos, sin):
+    c, s_ = cos[None, :, None, :], sin[None, :, None, :]
+    x32 = x.astype(jnp.float32)
+    mean, rstd = jax.lax.optimization_barrier(_head_stats(x32))
+    xc = x32 - mean
+    out = (rstd * (xc * c + _rotate_half(xc) * s_)).astype(x.dtype)
+    return out, (x, cos, sin, mean, rstd)
+
+
+def _norm_rope_bwd(res, g):
+    x, cos, sin, mean, rstd = res
+    c, s_ = cos[None, :, None, :], sin[None, :, None, :]
+    g32 = g.astype(jnp.float32)
+    dn = g32 * c + _rotate_half_t(g32 * s_)                      # through the RoPE
+    xhat = (x.astype(jnp.float32) - mean) * rstd                 # through the LayerNorm
+    s1, s2 = jax.lax.optimization_barrier((jnp.mean(dn, axis=-1, keepdims=True),
+                                           jnp.mean(dn * xhat, axis=-1, keepdims=True)))
+    dx = rstd * (dn - s1 - xhat * s2)
+    return dx.astype(x.dtype), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_norm_rope.defvjp(_norm_rope_fwd, _norm_rope_bwd)
 
 
 def _expand_ref(ref_BSHD: jax.Array, batch: int) -> jax.Array:
@@ -227,7 +327,7 @@ class MLP2(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         first, second = (getattr(self, n) for n in self.names)
-        return second(_act32(self.act, first(x)))
+        return second(self.act(first(x)))
 
 
 def feed_forward(d_in: int, d_hidden: int, d_out: int, act, axes, **kw) -> MLP2:
@@ -242,9 +342,9 @@ class TimeConditionEmbed(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         e = cfg.time_embed_dim
-        self.timestep_embedder = MLP2(e, e, e, jax.nn.silu, names=("linear_1", "linear_2"),
+        self.timestep_embedder = MLP2(e, e, e, _silu, names=("linear_1", "linear_2"),
                                       axes=((None, "time"), ("time", None)), **kw)
-        self.condition_embedder = MLP2(4 * cfg.condition_dim, e, e, jax.nn.silu, names=("linear_1", "linear_2"),
+        self.condition_embedder = MLP2(4 * cfg.condition_dim, e, e, _silu, names=("linear_1", "linear_2"),
                                        axes=(("cond", "time"), ("time", None)), **kw)
 
     def __call__(self, timestep_B: jax.Array, target_size_B2: jax.Array, crop_coords_B2: jax.Array) -> jax.Array:
@@ -284,21 +384,20 @@ class Attention(nnx.Module):
         self.to_v = Dense(d, d, axes=("embed", "heads"), **kw)
         self.to_out = Dense(d, d, axes=("heads", "embed"), **kw)
 
-    def __call__(self, txt_BTD: jax.Array, img_BND: jax.Array, cos_ND: jax.Array, sin_ND: jax.Array,
-                 kv_mode: str, ref_kv: tuple[jax.Array, jax.Array] | None
-                 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
-        b, t, _ = txt_BTD.shape
-        s_BLD = jnp.concatenate([txt_BTD, img_BND], axis=1)
-        length = s_BLD.shape[1]
+    def __call__(self, s_BLD: jax.Array, t: int, cos_LD: jax.Array, sin_LD: jax.Array, kv_mode: str,
+                 ref_kv: tuple[jax.Array, jax.Array] | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """`s_BLD`: the modulated joint stream `[text ; image]` (`t` text tokens first); `cos_LD` / `sin_LD`: the
+        RoPE tables of the whole stream (the text rows are cos 1, sin 0, which leaves those tokens exactly as
+        they are). Returns the attention output of the joint stream and, for "write", the image tokens' K/V."""
+        b, length, _ = s_BLD.shape
 
         def heads(x):
             return x.reshape(b, length, self.heads, self.head_dim)
 
-        q = layer_norm(heads(self.to_q(s_BLD)), None, None, LN_EPS)
-        k = layer_norm(heads(self.to_k(s_BLD)), None, None, LN_EPS)
+        q = _norm_rope(heads(self.to_q(s_BLD)), cos_LD, sin_LD)
+        k = _norm_rope(heads(self.to_k(s_BLD)), cos_LD, sin_LD)
         v = heads(self.to_v(s_BLD))
-        q = jnp.concatenate([q[:, :t], apply_rope(q[:, t:], cos_ND, sin_ND)], axis=1)
-        k = jnp.concatenate([k[:, :t], apply_rope(k[:, t:], cos_ND, sin_ND)], axis=1)
         stored = (k[:, t:], v[:, t:]) if kv_mode == "write" else None
         if kv_mode == "read":
             k_ref, v_ref = ref_kv
@@ -307,8 +406,7 @@ class Attention(nnx.Module):
         # under a mesh: q / k / v split by samples (and heads over `tensor`), as cuDNN's partitioner requires
         q, k, v = (constrain(x, QKV_AXES) for x in (q, k, v))
         o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, implementation=self.implementation)
-        o = self.to_out(o.astype(q.dtype).reshape(b, length, self.heads * self.head_dim))
-        return o[:, :t], o[:, t:], stored
+        return self.to_out(o.astype(q.dtype).reshape(b, length, self.heads * self.head_dim)), stored
 
 
 class Block(nnx.Module):
@@ -322,18 +420,19 @@ class Block(nnx.Module):
         self.ff = feed_forward(cfg.inner_dim, cfg.ff_dim, cfg.inner_dim, _gelu_tanh,
                                axes=(("embed", "mlp"), ("mlp", "embed")), **kw)
 
-    def __call__(self, img_BND: jax.Array, txt_BTD: jax.Array, temb_BE: jax.Array, cos_ND: jax.Array,
-                 sin_ND: jax.Array, kv_mode: str, ref_kv) -> tuple[jax.Array, jax.Array, Any]:
-        (shift_msa, c_shift_msa, scale_msa, c_scale_msa, gate_msa, c_gate_msa,
-         shift_mlp, c_shift_mlp, scale_mlp, c_scale_mlp, gate_mlp, c_gate_mlp) = self.norm1(temb_BE)
-        ni = _modulate(img_BND, shift_msa, scale_msa)
-        nt = _modulate(txt_BTD, c_shift_msa, c_scale_msa)
-        o_txt, o_img, stored = self.attn1(nt, ni, cos_ND, sin_ND, kv_mode, ref_kv)
-        img_BND = img_BND + o_img * gate_msa[:, None, :]
-        txt_BTD = txt_BTD + o_txt * c_gate_msa[:, None, :]
-        img_BND = img_BND + self.ff(_modulate(img_BND, shift_mlp, scale_mlp)) * gate_mlp[:, None, :]
-        txt_BTD = txt_BTD + self.ff(_modulate(txt_BTD, c_shift_mlp, c_scale_mlp)) * c_gate_mlp[:, None, :]
-        return img_BND, txt_BTD, stored
+    def __call__(self, x_BLD: jax.Array, t: int, temb_BE: jax.Array, cos_LD: jax.Array, sin_LD: jax.Array,
+                 kv_mode: str, ref_kv) -> tuple[jax.Array, Any]:
+        """One block on the joint stream `x_BLD = [text ; image]` (`t` text tokens first).
+
+        Both streams share every projection, so they go through the matmuls together; only the modulation
+        differs per stream (`_per_stream` picks the text or image vector for each position)."""
+        m = self.norm1(temb_BE)
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
+            _per_stream(m[i + 1], m[i], t, x_BLD.shape[1]) for i in (0, 2, 4, 6, 8, 10))
+        o, stored = self.attn1(_modulate(x_BLD, shift_msa, scale_msa), t, cos_LD, sin_LD, kv_mode, ref_kv)
+        x_BLD = x_BLD + o * gate_msa
+        x_BLD = x_BLD + self.ff(_modulate(x_BLD, shift_mlp, scale_mlp)) * gate_mlp
+        return x_BLD, stored
 
 
 class NormOut(nnx.Module):
@@ -381,7 +480,7 @@ class GlmImageDiT(nnx.Module):
                                             axes=(("cond", "mlp"), ("mlp", "embed")), **kw)
         self.prior_token_embedding = Embedding(cfg.prior_vq_quantizer_codebook_size, d, axes=("codebook", "embed"),
                                                **kw)
-        self.prior_projector = feed_forward(d, d, d, jax.nn.silu, axes=(("embed", "mlp"), ("mlp", "embed")), **kw)
+        self.prior_projector = feed_forward(d, d, d, _silu, axes=(("embed", "mlp"), ("mlp", "embed")), **kw)
         self.time_condition_embed = TimeConditionEmbed(cfg, **kw)
         self.transformer_blocks = nnx.List([Block(cfg, implementation=attention, **kw)
                                             for _ in range(cfg.num_layers)])
@@ -418,15 +517,19 @@ class GlmImageDiT(nnx.Module):
         txt = constrain(txt, STREAM_AXES)
         temb = self.time_condition_embed(timestep_B, target_size_B2, crop_coords_B2)
 
+        # the blocks run on the joint stream [text ; image]; RoPE rows of the text tokens are the identity
+        t = txt.shape[1]
+        cos = jnp.concatenate([jnp.ones((t, cos.shape[1]), cos.dtype), cos])
+        sin = jnp.concatenate([jnp.zeros((t, sin.shape[1]), sin.dtype), sin])
+        x = jnp.concatenate([txt, img], axis=1)
         stored = []
         for i, block in enumerate(self.transformer_blocks):
             layer_ref = ref_kv[i] if kv_mode == "read" else None
-            img, txt, kv = layer_call(block, self.remat, img, txt, temb, cos, sin, kv_mode, layer_ref,
-                                      static_argnums=(5,))
-            img, txt = constrain(img, STREAM_AXES), constrain(txt, STREAM_AXES)
+            x, kv = layer_call(block, self.remat, x, t, temb, cos, sin, kv_mode, layer_ref, static_argnums=(1, 5))
+            x = constrain(x, STREAM_AXES)
             stored.append(kv)
 
-        out = self.proj_out(self.norm_out(img, temb))
+        out = self.proj_out(self.norm_out(x[:, t:], temb))
         return unpatchify(out, hp, wp, p), (stored if kv_mode == "write" else None)
 
 

@@ -1,0 +1,75 @@
+"""The DiT's attention alone at 1024² (4352 tokens, 32 heads x 128, bf16, batch 1): cuDNN flash attention
+(`jax.nn.dot_product_attention(implementation="cudnn")`, what the model uses) against JAX's experimental Mosaic GPU
+kernel (`jax.experimental.pallas.ops.gpu.attention_mgpu`, in float16) with a few tilings, forward and forward + backward.
+
+    python -m benchmarks.attention_probe
+
+Outputs and gradients of each variant are compared with cuDNN's. Writes `$OUT/attention_probe.json`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import device_info, jax_sync, timeit, write_result
+
+B, L, H, D = 1, 4352, 32, 128
+
+
+def _mgpu(M, cfg, q, k, v):
+    """The Mosaic GPU kernel takes float16 (bf16 fails in its backward on jax 0.11.2): cast in and out."""
+    h = lambda x: x.astype(jnp.float16)
+    return M.attention(h(q * jnp.asarray(D ** -0.5, q.dtype)), h(k), h(v), cfg).astype(q.dtype)
+
+
+def main():
+    res = {"device": device_info(), "shape": [B, L, H, D]}
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, cot = (jax.random.normal(kk, (B, L, H, D), jnp.bfloat16) for kk in keys)
+    fwd_flop = 4 * B * L * L * H * D
+
+    def variants():
+        yield "cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=D ** -0.5, implementation="cudnn")
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as M
+        for bkv in (128, 64):
+            for bwd in ((64, 64, 64, 64), (64, 128, 128, 64)):
+                for wgs in (1, 2):
+                    cfg = M.TuningConfig(block_q=64, block_kv=bkv, max_concurrent_steps=2, compute_wgs_bwd=wgs,
+                                         block_q_dkv=bwd[0], block_kv_dkv=bwd[1], block_q_dq=bwd[2],
+                                         block_kv_dq=bwd[3])
+                    yield (f"mgpu_kv{bkv}_bwd{'-'.join(map(str, bwd))}_wg{wgs}",
+                           lambda q, k, v, cfg=cfg: _mgpu(M, cfg, q, k, v))
+
+    ref_out = ref_grads = None
+    for name, fn in variants():
+        try:
+            f = jax.jit(fn)
+            g = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.vdot(fn(q, k, v).astype(jnp.float32),
+                                                                  cot.astype(jnp.float32)), argnums=(0, 1, 2)))
+            out, grads = f(q, k, v), g(q, k, v)
+            tf = timeit(lambda: f(q, k, v), sync=jax_sync, iters=10)["median_s"]
+            tg = timeit(lambda: g(q, k, v), sync=jax_sync, iters=10)["median_s"]
+            r = {"fwd_ms": tf * 1e3, "fwd_bwd_ms": tg * 1e3, "fwd_tflops": fwd_flop / tf / 1e12,
+                 "bwd_tflops_2p5x": 2.5 * fwd_flop / (tg - tf) / 1e12}
+            if ref_out is None:
+                ref_out, ref_grads = out, grads
+            else:
+                err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
+                                         jnp.max(jnp.abs(b.astype(jnp.float32))))
+                r["out_err"] = err(out, ref_out)
+                r["grad_err"] = max(err(a, b) for a, b in zip(grads, ref_grads))
+            res[name] = r
+            print(name, {k: round(x, 4) for k, x in r.items()}, flush=True)
+        except Exception as e:  # keep the other variants
+            res[name] = {"error": repr(e)[:300]}
+            print(name, "failed:", repr(e)[:300], flush=True)
+    write_result("attention_probe", res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Where the time of the real-size DiT forward + backward goes: JAX only, random bf16 weights, a kernel trace.
+
+    python -m benchmarks.dit_train_probe --tag default [--remat none] [--profile] [--hlo] [--iters 5]
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m benchmarks.dit_train_probe --tag notriton
+
+Same step as `benchmarks.train_gpu --part dit` (gradient of `<out, cotangent>` with respect to every parameter,
+1024², 4096 image + 256 glyph tokens, batch 1, cuDNN attention) without the diffusers side, so that several
+variants (XLA flags, remat policies) fit in one GPU call. `--profile` adds a `jax.profiler` trace of two steps,
+summarised by kernel and by category (`benchmarks.trace_summary`). Writes `$OUT/dit_train_probe_<tag>.json`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import SMOKE, device_info, jax_sync, random_module, timeit, write_result
+from benchmarks.real_configs import DIT_CONFIG
+from glm_jax.models.dit import DiTConfig, GlmImageDiT, dit_flops
+
+PEAK = 989e12
+H = W = 256 if SMOKE else 1024
+T_GLYPH = 5 if SMOKE else 256
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tag", default="default")
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--hlo", action="store_true", help="write the optimised HLO (gzip) to $OUT, to name fusions")
+    a = ap.parse_args()
+    conf = DIT_CONFIG
+    if SMOKE:
+        from glm_jax.tiny import tiny_dit_config
+        conf = tiny_dit_config()
+    cfg = DiTConfig.from_hf(conf)
+    on_gpu = jax.default_backend() == "gpu"
+    attention = "cudnn" if on_gpu else None
+    res = {"device": device_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": a.tag, "remat": a.remat}
+    flops = 3 * dit_flops(cfg, (H // 16) * (W // 16), T_GLYPH, 0)
+    res["tflop"] = flops / 1e12
+    t0 = time.time()
+    model = random_module(lambda: GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attention,
+                                              remat=a.remat, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    log(f"random weights in {time.time() - t0:.0f}s")
+    rng = np.random.default_rng(0)
+    n = (H // 16) * (W // 16)
+    lat = jnp.asarray(rng.standard_normal((1, H // 8, W // 8, cfg.in_channels)), jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal(lat.shape), jnp.bfloat16)
+    args = (jnp.asarray(rng.standard_normal((1, T_GLYPH, cfg.text_embed_dim)), jnp.bfloat16),
+            jnp.asarray(rng.integers(0, cfg.prior_vq_quantizer_codebook_size, (1, n)), jnp.int32),
+            jnp.zeros((1, n), bool), jnp.asarray([979.0], jnp.float32), jnp.asarray([[H, W]], jnp.float32),
+            jnp.zeros((1, 2), jnp.float32))
+
+    @jax.jit
+    def grad(state, lat, args, cot):
+        def f(s):
+            out = nnx.merge(graphdef, s)(lat, *args)[0]
+            return jnp.vdot(out.astype(jnp.float32), cot.astype(jnp.float32))
+        return jax.grad(f)(state)
+
+    t0 = time.time()
+    compiled = grad.lower(state, lat, args, cot).compile()
+    if a.hlo:
+        import gzip
+        with gzip.open(os.path.join(os.environ.get("OUT", "out"), f"dit_train_probe_{a.tag}.hlo.gz"), "wt") as f:
+            f.write(compiled.as_text())
+    grad = compiled
+    jax_sync(grad(state, lat, args, cot))
+    res["compile_s"] = time.time() - t0
+    r = timeit(lambda: grad(state, lat, args, cot), sync=jax_sync, iters=a.iters)
+    stats = jax.devices()[0].memory_stats() or {}
+    r.update(tflops_per_s=flops / r["median_s"] / 1e12, mfu=flops / r["median_s"] / PEAK,
+             peak_gib=stats.get("peak_bytes_in_use", 0) / 2 ** 30)
+    res["fwd_bwd"] = r
+    log(f"{a.tag} remat={a.remat}: {r['median_s']:.4f}s ({r['tflops_per_s']:.0f} TFLOP/s, MFU {r['mfu']:.1%}), "
+        f"peak {r['peak_gib']:.1f} GiB, compile {res['compile_s']:.0f}s")
+    if a.profile:
+        from benchmarks.trace_summary import summarise
+        tdir = os.path.join(os.environ.get("OUT", "out"), f"trace_dit_{a.tag}")
+        with jax.profiler.trace(tdir, create_perfetto_trace=True):
+            for _ in range(2):
+                jax_sync(grad(state, lat, args, cot))
+        res["profile"] = summarise(tdir, top=60, steps=2)
+    write_result(f"dit_train_probe_{a.tag}", res)
+
+
+if __name__ == "__main__":
+    main()
