@@ -5,14 +5,7 @@
 #   weak     weak scaling of the whole DiT GRPO iteration on 1, 2, 4, 8 GPUs (same work per GPU)
 #   procs    the same iteration as 4 processes x 2 GPUs; the tiny trainer on 1x8 / 4x2 and a 4x2 -> 2x4 resume
 set -u
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-run() {   # run TAG LIMIT_S COMMAND...
-    local tag=$1 limit=$2; shift 2
-    echo "=== $tag: $*"
-    timeout "$limit" "$@" > "$OUT/log_$tag.txt" 2>&1
-    echo "rc=$? $(grep -E '^\[' "$OUT/log_$tag.txt" | tail -2 | tr '\n' ' ')"
-}
+source "$(dirname "$0")/run_logged.sh"
 for stage in "$@"; do
 case "$stage" in
 full)

@@ -6,30 +6,23 @@
 #   bash benchmarks/sharded_2gpu.sh ar        # AR (real size) LoRA on 2 GPUs: 1 process, 2 processes
 # Each run is its own process (fresh GPU memory); logs and JSON go to $OUT.
 set -u
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-run() {   # run TAG LIMIT_S ARGS...
-    local tag=$1 limit=$2; shift 2
-    echo "=== $tag: $*"
-    timeout "$limit" "$@" --tag "$tag" > "$OUT/log_$tag.txt" 2>&1
-    echo "rc=$? $(grep -E '^\[' "$OUT/log_$tag.txt" | tail -3 | tr '\n' ' ')"
-    grep -E 'Error|error:' "$OUT/log_$tag.txt" | tail -2
-}
+source "$(dirname "$0")/run_logged.sh"
+tagged() { local tag=$1; run "$@" --tag "$tag"; }   # tagged TAG LIMIT_S COMMAND...: the command gets --tag TAG
 L="python -m glm_jax.launch --nproc 2 --module benchmarks.sharded_gpu --"
 case "${1:-dit}" in
 dit)
-    run dit_full_fsdp2_1proc 270 python -m benchmarks.sharded_gpu --part dit --remat dots
-    run dit_full_fsdp2_2proc 270 $L --part dit --remat dots
+    tagged dit_full_fsdp2_1proc 270 python -m benchmarks.sharded_gpu --part dit --remat dots
+    tagged dit_full_fsdp2_2proc 270 $L --part dit --remat dots
     ;;
 dit_lora)    # the same 1 sample per device
-    CUDA_VISIBLE_DEVICES=0 run dit_lora64_1gpu 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
-    run dit_lora64_fsdp2_1proc 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
+    CUDA_VISIBLE_DEVICES=0 tagged dit_lora64_1gpu 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
+    tagged dit_lora64_fsdp2_1proc 200 python -m benchmarks.sharded_gpu --part dit --lora 64 --remat dots
     ;;
 ar1)
-    CUDA_VISIBLE_DEVICES=0 run ar_lora64_1gpu 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 2
+    CUDA_VISIBLE_DEVICES=0 tagged ar_lora64_1gpu 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 2
     ;;
 ar)          # the same 8 sequences per device, 2 per micro-batch per device
-    run ar_lora64_fsdp2_1proc 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4
-    run ar_lora64_fsdp2_2proc 280 $L --part ar --lora 64 --batch-per-device 8 --micro 4
+    tagged ar_lora64_fsdp2_1proc 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4
+    tagged ar_lora64_fsdp2_2proc 280 $L --part ar --lora 64 --batch-per-device 8 --micro 4
     ;;
 esac

@@ -49,20 +49,11 @@ def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
     streams = {k for k, n in tnames.items() if n.lower().startswith("stream")}
     by_name: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
-    by_op: collections.Counter = collections.Counter()     # XLA instruction that launched the kernel, if recorded
-    op_kernel: dict[str, str] = {}
-    arg_keys: set[str] = set()
     for e in events:
         on_gpu = e.get("pid") in gpu_pids and (not streams or (e.get("pid"), e.get("tid")) in streams)
         if e.get("ph") == "X" and on_gpu and "dur" in e:
             by_name[e["name"]] += e["dur"]
             count[e["name"]] += 1
-            args = e.get("args") or {}
-            arg_keys.update(args)
-            op = args.get("hlo_op") or args.get("long_name")
-            if op:
-                by_op[op] += e["dur"]
-                op_kernel.setdefault(op, e["name"][:60])
     total = sum(by_name.values())
     by_cat: collections.Counter = collections.Counter()
     n_cat: collections.Counter = collections.Counter()
@@ -74,10 +65,7 @@ def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
     rows = [{"name": n[:120], "us_per_step": d / steps, "calls_per_step": count[n] / steps,
              "share": d / max(total, 1)} for n, d in by_name.most_common(top)]
     return {"gpu_processes": sorted(pnames[p] for p in gpu_pids), "threads": sorted(set(tnames.values()))[:20], "kernel_us_per_step": total / steps,
-            "kernels_per_step": sum(count.values()) / steps, "categories": cats, "top": rows,
-            "event_arg_keys": sorted(arg_keys)[:40],
-            "top_ops": [{"op": o[:80], "kernel": op_kernel[o], "us_per_step": d / steps}
-                        for o, d in by_op.most_common(top)]}
+            "kernels_per_step": sum(count.values()) / steps, "categories": cats, "top": rows}
 
 
 def main():

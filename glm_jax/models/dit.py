@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm_jax.models.layers import Dense, DType, layer_norm, param
+from glm_jax.models.layers import Dense, DType, layer_norm, ln_stats, param
 from glm_jax.models.remat import check_policy, layer_call
 from glm_jax.sharding import constrain
 
@@ -147,13 +147,6 @@ def rope_2d(height: int, width: int, head_dim: int) -> tuple[jax.Array, jax.Arra
     return jnp.cos(f), jnp.sin(f)
 
 
-def apply_rope(x_BNHD: jax.Array, cos_ND: jax.Array, sin_ND: jax.Array) -> jax.Array:
-    """`x cos + [-x[D/2:], x[:D/2]] sin` in float32, cast back to the dtype of `x`."""
-    x32 = x_BNHD.astype(jnp.float32)
-    out = x32 * cos_ND[None, :, None, :] + _rotate_half(x32) * sin_ND[None, :, None, :]
-    return out.astype(x_BNHD.dtype)
-
-
 def patchify(x_BHWC: jax.Array, p: int) -> jax.Array:
     """`[B, H, W, C]` -> `[B, (H/p)(W/p), C p p]` with the features in torch's `(c, py, px)` order."""
     b, h, w, c = x_BHWC.shape
@@ -186,12 +179,17 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 @jax.custom_vjp
-def _gelu_tanh_saving_input(x: jax.Array) -> jax.Array:
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    """The FF's tanh GELU, evaluated in float32 and cast back to the dtype of `x`.
+
+    Its backward pass keeps only `x` (the matmul output, in the compute dtype) and recomputes the derivative from
+    it; plain autodiff of the float32 formula would keep a float32 `tanh` of the whole `[tokens, ff_dim]`
+    activation per block (4x the bytes of `x` in bf16) and stream it twice more."""
     return _act32(lambda v: jax.nn.gelu(v, approximate=True), x)
 
 
 def _gelu_tanh_fwd(x):
-    return _gelu_tanh_saving_input(x), x
+    return _gelu_tanh(x), x
 
 
 def _gelu_tanh_bwd(x, g):
@@ -201,16 +199,7 @@ def _gelu_tanh_bwd(x, g):
     return ((g.astype(jnp.float32) * d).astype(x.dtype),)
 
 
-_gelu_tanh_saving_input.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
-
-
-def _gelu_tanh(x: jax.Array) -> jax.Array:
-    """The FF's tanh GELU, evaluated in float32 and cast back to the dtype of `x`.
-
-    Its backward pass keeps only `x` (the matmul output, in the compute dtype) and recomputes the derivative from
-    it; plain autodiff of the float32 formula would keep a float32 `tanh` of the whole `[tokens, ff_dim]`
-    activation per block (4x the bytes of `x` in bf16) and stream it twice more."""
-    return _gelu_tanh_saving_input(x)
+_gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 def _modulate(x_BLD: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -231,6 +220,7 @@ def _per_stream(txt_BD: jax.Array, img_BD: jax.Array, t: int, length: int) -> ja
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
+    """`[-x[D/2:], x[:D/2]]` (diffusers' `use_real_unbind_dim=-2` rotation)."""
     a, b = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-b, a], axis=-1)
 
@@ -241,17 +231,10 @@ def _rotate_half_t(y: jax.Array) -> jax.Array:
     return jnp.concatenate([b, -a], axis=-1)
 
 
-def _head_stats(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean and `1 / sqrt(var + eps)` over the last axis (the head dimension), kept dims."""
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    xc = x32 - mean
-    return mean, jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + LN_EPS)
-
-
 @jax.custom_vjp
 def _norm_rope(x_BLHD: jax.Array, cos_LD: jax.Array, sin_LD: jax.Array) -> jax.Array:
-    """Per-head qk LayerNorm (no affine) then RoPE, `apply_rope(layer_norm(x))`, in float32, one rounding to the
-    dtype of `x` at the end (torch also rounds the normalised heads before the RoPE; XLA's default excess
+    """Per-head qk LayerNorm (no affine) then the 2-D RoPE (`x cos + [-x[D/2:], x[:D/2]] sin`), in float32, one
+    rounding to the dtype of `x` at the end (torch also rounds the normalised heads before the RoPE; XLA's default excess
     precision drops that rounding in the plain composition too).
 
     Written as `rstd * ((x - mean) cos + rot(x - mean) sin)` with the statistics behind an optimisation barrier,
@@ -265,7 +248,7 @@ def _norm_rope(x_BLHD: jax.Array, cos_LD: jax.Array, sin_LD: jax.Array) -> jax.A
 def _norm_rope_fwd(x, cos, sin):
     c, s_ = cos[None, :, None, :], sin[None, :, None, :]
     x32 = x.astype(jnp.float32)
-    mean, rstd = jax.lax.optimization_barrier(_head_stats(x32))
+    mean, rstd = jax.lax.optimization_barrier(ln_stats(x32, LN_EPS))
     xc = x32 - mean
     out = (rstd * (xc * c + _rotate_half(xc) * s_)).astype(x.dtype)
     return out, (x, cos, sin, mean, rstd)
@@ -356,7 +339,7 @@ class TimeConditionEmbed(nnx.Module):
         cond = jnp.concatenate([crop, size], axis=-1)
         te = self.timestep_embedder(t_proj.astype(self.dtype))
         ce = self.condition_embedder(cond.astype(self.dtype))
-        return _act32(jax.nn.silu, te + ce)
+        return _silu(te + ce)
 
 
 class AdaLNZero(nnx.Module):

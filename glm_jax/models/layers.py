@@ -69,12 +69,18 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     return y if weight is None else weight.astype(x.dtype) * y
 
 
+def ln_stats(x32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """LayerNorm statistics over the last axis (kept): `mean` and `rstd = 1 / sqrt(var + eps)`."""
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
 def layer_norm(x: jax.Array, weight: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
     """LayerNorm over the last axis, statistics in fp32, result cast to the input dtype."""
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    mean, rstd = ln_stats(x32, eps)
+    y = (x32 - mean) * rstd
     if weight is not None:
         y = y * weight.astype(jnp.float32)
     if bias is not None:
