@@ -43,6 +43,10 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--hlo", action="store_true", help="write the optimised HLO (gzip) to $OUT, to name fusions")
+    ap.add_argument("--variants", default="",
+                    help="'NAME:VAR=V,VAR=V;NAME:...': compile the step once per set of environment variables "
+                         "(read while tracing) and time them interleaved in --rounds rounds, in one process")
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     conf = DIT_CONFIG
     if SMOKE:
@@ -68,13 +72,21 @@ def main():
             jnp.zeros((1, n), bool), jnp.asarray([979.0], jnp.float32), jnp.asarray([[H, W]], jnp.float32),
             jnp.zeros((1, 2), jnp.float32))
 
-    @jax.jit
-    def grad(state, lat, args, cot):
-        def f(s):
-            out = nnx.merge(graphdef, s)(lat, *args)[0]
-            return jnp.vdot(out.astype(jnp.float32), cot.astype(jnp.float32))
-        return jax.grad(f)(state)
+    def make_grad():   # a new function object per call: jit traces it afresh (variants differ only by environment)
+        @jax.jit
+        def grad(state, lat, args, cot):
+            def f(s):
+                out = nnx.merge(graphdef, s)(lat, *args)[0]
+                return jnp.vdot(out.astype(jnp.float32), cot.astype(jnp.float32))
+            return jax.grad(f)(state)
+        return grad
 
+    grad = make_grad()
+
+    if a.variants:
+        res["variants"] = run_variants(a, make_grad, (state, lat, args, cot), flops)
+        write_result(f"dit_train_probe_{a.tag}", res)
+        return
     t0 = time.time()
     compiled = grad.lower(state, lat, args, cot).compile()
     if a.hlo:
@@ -98,7 +110,42 @@ def main():
             for _ in range(2):
                 jax_sync(grad(state, lat, args, cot))
         res["profile"] = summarise(tdir, top=60, steps=2)
+        from benchmarks.trace_summary import op_sequence
+        with open(os.path.join(os.environ.get("OUT", "out"), f"dit_train_probe_{a.tag}_ops.tsv"), "w") as f:
+            f.writelines(f"{op}\t{k}\t{d:.1f}\n" for op, k, d in op_sequence(tdir))
     write_result(f"dit_train_probe_{a.tag}", res)
+
+
+def run_variants(a, make_grad, inputs, flops) -> dict:
+    """Each variant compiled with its environment, then all timed round-robin (`--iters` steps each per round):
+    card clock and temperature drift then affect every variant alike."""
+    compiled, out = {}, {}
+    for spec in a.variants.split(";"):
+        name, _, env = spec.partition(":")
+        pairs = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+        saved = {k: os.environ.get(k) for k in pairs}
+        os.environ.update(pairs)
+        t0 = time.time()
+        compiled[name] = make_grad().lower(*inputs).compile()
+        jax_sync(compiled[name](*inputs))
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        out[name] = {"env": pairs, "compile_s": time.time() - t0, "median_s": []}
+        log(f"compiled {name} ({pairs}) in {out[name]['compile_s']:.0f}s")
+    for r in range(a.rounds):
+        for name, fn in compiled.items():
+            t = timeit(lambda: fn(*inputs), sync=jax_sync, iters=a.iters)["median_s"]
+            out[name]["median_s"].append(t)
+        log(f"round {r}: " + ", ".join(f"{n} {v['median_s'][-1]:.4f}s" for n, v in out.items()))
+    for name, v in out.items():
+        v["best_median_s"] = min(v["median_s"])
+        v["mean_median_s"] = float(np.mean(v["median_s"]))
+        v["mfu"] = flops / v["mean_median_s"] / PEAK
+        log(f"{name}: mean {v['mean_median_s']:.4f}s, best {v['best_median_s']:.4f}s, MFU {v['mfu']:.1%}")
+    return out
 
 
 if __name__ == "__main__":

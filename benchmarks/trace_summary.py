@@ -68,6 +68,21 @@ def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
             "kernels_per_step": sum(count.values()) / steps, "categories": cats, "top": rows}
 
 
+def op_sequence(trace_dir: str) -> list[tuple[str, str, float]]:
+    """GPU kernels of the last step in launch order as `(XLA instruction, kernel, microseconds)`. The instruction
+    is recorded only where XLA launches kernels one by one (`--xla_gpu_enable_command_buffer=` turns CUDA graphs
+    off); steps are told apart by gaps of more than 1 ms between kernels."""
+    events, pnames = load_events(trace_dir)
+    gpu_pids = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n or "stream" in n.lower()}
+    kern = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e),
+                  key=lambda e: e["ts"])
+    start = 0
+    for i in range(1, len(kern)):
+        if kern[i]["ts"] - (kern[i - 1]["ts"] + kern[i - 1]["dur"]) > 1000:
+            start = i
+    return [((e.get("args") or {}).get("hlo_op", ""), e["name"][:60], e["dur"]) for e in kern[start:]]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace_dir")

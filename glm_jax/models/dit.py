@@ -56,7 +56,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm_jax.models.layers import Dense, DType, layer_norm, ln_stats, param
+from glm_jax.models.dit_ops import bias_gelu, gated_residual, modulate_split, qk_norm_rope
+from glm_jax.models.layers import Dense, DType, layer_norm, param
 from glm_jax.models.remat import check_policy, layer_call
 from glm_jax.sharding import constrain
 
@@ -175,31 +176,10 @@ def _silu(x):
     return _act32(jax.nn.silu, x)
 
 
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
-@jax.custom_vjp
 def _gelu_tanh(x: jax.Array) -> jax.Array:
-    """The FF's tanh GELU, evaluated in float32 and cast back to the dtype of `x`.
-
-    Its backward pass keeps only `x` (the matmul output, in the compute dtype) and recomputes the derivative from
-    it; plain autodiff of the float32 formula would keep a float32 `tanh` of the whole `[tokens, ff_dim]`
-    activation per block (4x the bytes of `x` in bf16) and stream it twice more."""
+    """The FF's tanh GELU in float32, cast back (the FF's `act`; `Block` applies it with the first projection's
+    bias through `dit_ops.bias_gelu`, which has a hand-written backward pass)."""
     return _act32(lambda v: jax.nn.gelu(v, approximate=True), x)
-
-
-def _gelu_tanh_fwd(x):
-    return _gelu_tanh(x), x
-
-
-def _gelu_tanh_bwd(x, g):
-    x32 = x.astype(jnp.float32)
-    th = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32))
-    d = 0.5 * (1.0 + th) + 0.5 * x32 * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
-    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
-
-
-_gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 def _modulate(x_BLD: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -207,66 +187,6 @@ def _modulate(x_BLD: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array
     if shift.ndim == 2:
         shift, scale = shift[:, None, :], scale[:, None, :]
     return layer_norm(x_BLD, None, None, LN_EPS) * (1 + scale) + shift
-
-
-def _per_stream(txt_BD: jax.Array, img_BD: jax.Array, t: int, length: int) -> jax.Array:
-    """`[B, L, D]` modulation of the joint stream: `txt_BD` at the first `t` positions, `img_BD` at the others.
-
-    A concatenation of broadcasts: it fuses into its consumer (nothing of size `[B, L, D]` is written), and its
-    gradient reduces each stream over its own positions only (a `where` would reduce both over all of them)."""
-    b, d = img_BD.shape
-    return jnp.concatenate([jnp.broadcast_to(txt_BD[:, None, :], (b, t, d)),
-                            jnp.broadcast_to(img_BD[:, None, :], (b, length - t, d))], axis=1)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    """`[-x[D/2:], x[:D/2]]` (diffusers' `use_real_unbind_dim=-2` rotation)."""
-    a, b = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-b, a], axis=-1)
-
-
-def _rotate_half_t(y: jax.Array) -> jax.Array:
-    """Transpose of `_rotate_half`: `[y2, -y1]`."""
-    a, b = jnp.split(y, 2, axis=-1)
-    return jnp.concatenate([b, -a], axis=-1)
-
-
-@jax.custom_vjp
-def _norm_rope(x_BLHD: jax.Array, cos_LD: jax.Array, sin_LD: jax.Array) -> jax.Array:
-    """Per-head qk LayerNorm (no affine) then the 2-D RoPE (`x cos + [-x[D/2:], x[:D/2]] sin`), in float32, one
-    rounding to the dtype of `x` at the end (torch also rounds the normalised heads before the RoPE; XLA's default excess
-    precision drops that rounding in the plain composition too).
-
-    Written as `rstd * ((x - mean) cos + rot(x - mean) sin)` with the statistics behind an optimisation barrier,
-    so that XLA emits one small reduction and one elementwise pass that reads `x` and writes the output, instead
-    of writing the normalised heads in float32 and reading them back for the RoPE. The backward pass keeps `x`
-    and the statistics (not the float32 normalised heads) and is done the same way. RoPE tables are constants:
-    their cotangent is zero."""
-    return _norm_rope_fwd(x_BLHD, cos_LD, sin_LD)[0]
-
-
-def _norm_rope_fwd(x, cos, sin):
-    c, s_ = cos[None, :, None, :], sin[None, :, None, :]
-    x32 = x.astype(jnp.float32)
-    mean, rstd = jax.lax.optimization_barrier(ln_stats(x32, LN_EPS))
-    xc = x32 - mean
-    out = (rstd * (xc * c + _rotate_half(xc) * s_)).astype(x.dtype)
-    return out, (x, cos, sin, mean, rstd)
-
-
-def _norm_rope_bwd(res, g):
-    x, cos, sin, mean, rstd = res
-    c, s_ = cos[None, :, None, :], sin[None, :, None, :]
-    g32 = g.astype(jnp.float32)
-    dn = g32 * c + _rotate_half_t(g32 * s_)                      # through the RoPE
-    xhat = (x.astype(jnp.float32) - mean) * rstd                 # through the LayerNorm
-    s1, s2 = jax.lax.optimization_barrier((jnp.mean(dn, axis=-1, keepdims=True),
-                                           jnp.mean(dn * xhat, axis=-1, keepdims=True)))
-    dx = rstd * (dn - s1 - xhat * s2)
-    return dx.astype(x.dtype), jnp.zeros_like(cos), jnp.zeros_like(sin)
-
-
-_norm_rope.defvjp(_norm_rope_fwd, _norm_rope_bwd)
 
 
 def _expand_ref(ref_BSHD: jax.Array, batch: int) -> jax.Array:
@@ -368,7 +288,7 @@ class Attention(nnx.Module):
         self.to_out = Dense(d, d, axes=("heads", "embed"), **kw)
 
     def __call__(self, s_BLD: jax.Array, t: int, cos_LD: jax.Array, sin_LD: jax.Array, kv_mode: str,
-                 ref_kv: tuple[jax.Array, jax.Array] | None
+                 ref_kv: tuple[jax.Array, jax.Array] | None, out_bias: bool = True
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """`s_BLD`: the modulated joint stream `[text ; image]` (`t` text tokens first); `cos_LD` / `sin_LD`: the
         RoPE tables of the whole stream (the text rows are cos 1, sin 0, which leaves those tokens exactly as
@@ -378,8 +298,9 @@ class Attention(nnx.Module):
         def heads(x):
             return x.reshape(b, length, self.heads, self.head_dim)
 
-        q = _norm_rope(heads(self.to_q(s_BLD)), cos_LD, sin_LD)
-        k = _norm_rope(heads(self.to_k(s_BLD)), cos_LD, sin_LD)
+        # the q / k biases are applied inside the norm + RoPE op, whose backward pass also gives their gradients
+        q = heads(qk_norm_rope(self.to_q(s_BLD, bias=False), self.to_q.bias_value(), cos_LD, sin_LD))
+        k = heads(qk_norm_rope(self.to_k(s_BLD, bias=False), self.to_k.bias_value(), cos_LD, sin_LD))
         v = heads(self.to_v(s_BLD))
         stored = (k[:, t:], v[:, t:]) if kv_mode == "write" else None
         if kv_mode == "read":
@@ -389,7 +310,7 @@ class Attention(nnx.Module):
         # under a mesh: q / k / v split by samples (and heads over `tensor`), as cuDNN's partitioner requires
         q, k, v = (constrain(x, QKV_AXES) for x in (q, k, v))
         o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, implementation=self.implementation)
-        return self.to_out(o.astype(q.dtype).reshape(b, length, self.heads * self.head_dim)), stored
+        return self.to_out(o.astype(q.dtype).reshape(b, length, self.heads * self.head_dim), bias=out_bias), stored
 
 
 class Block(nnx.Module):
@@ -408,14 +329,20 @@ class Block(nnx.Module):
         """One block on the joint stream `x_BLD = [text ; image]` (`t` text tokens first).
 
         Both streams share every projection, so they go through the matmuls together; only the modulation
-        differs per stream (`_per_stream` picks the text or image vector for each position)."""
+        differs per stream. The modulation, gated residuals, qk norm + RoPE and GELU are the `dit_ops` ops
+        (hand-written backward passes, Pallas kernels on GPU); the biases of `to_q`, `to_k`, `to_out`,
+        `ff.proj_in` and `ff.proj_out` are applied inside those ops."""
         m = self.norm1(temb_BE)
+        # per-stream vectors [B, 2, D]: row 0 text, row 1 image (norm1's chunks come image first)
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
-            _per_stream(m[i + 1], m[i], t, x_BLD.shape[1]) for i in (0, 2, 4, 6, 8, 10))
-        o, stored = self.attn1(_modulate(x_BLD, shift_msa, scale_msa), t, cos_LD, sin_LD, kv_mode, ref_kv)
-        x_BLD = x_BLD + o * gate_msa
-        x_BLD = x_BLD + self.ff(_modulate(x_BLD, shift_mlp, scale_mlp)) * gate_mlp
-        return x_BLD, stored
+            jnp.stack([m[i + 1], m[i]], axis=1) for i in (0, 2, 4, 6, 8, 10))
+        attn, ff = self.attn1, self.ff
+        u, x_res = modulate_split(x_BLD, shift_msa, scale_msa, t)
+        o, stored = attn(u, t, cos_LD, sin_LD, kv_mode, ref_kv, out_bias=False)
+        x_BLD = gated_residual(x_res, o, attn.to_out.bias_value(), gate_msa, t)
+        u, x_res = modulate_split(x_BLD, shift_mlp, scale_mlp, t)
+        f = ff.proj_out(bias_gelu(ff.proj_in(u, bias=False), ff.proj_in.bias_value()), bias=False)
+        return gated_residual(x_res, f, ff.proj_out.bias_value(), gate_mlp, t), stored
 
 
 class NormOut(nnx.Module):

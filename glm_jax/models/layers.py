@@ -47,12 +47,20 @@ class Dense(nnx.Module):
         self.lora_a = self.lora_b = nnx.data(None)
         self.lora_scale = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, bias: bool = True) -> jax.Array:
+        """`x @ kernel (+ bias) (+ adapters)`; `bias=False` leaves the bias out, for a caller that applies it
+        itself (`bias_value`) in a fused op."""
         x = x.astype(self.dtype)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
+        if bias and self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y + self.lora_delta(x)
+
+    def bias_value(self) -> jax.Array:
+        """The bias in the compute dtype (zeros for a layer without one)."""
+        if self.bias is None:
+            return jnp.zeros((self.out_features,), self.dtype)
+        return self.bias[...].astype(self.dtype)
 
     def lora_delta(self, x: jax.Array):
         """The adapters' term `lora_scale * (x @ lora_a) @ lora_b` in `dtype` (0 without adapters)."""

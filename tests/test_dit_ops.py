@@ -1,0 +1,195 @@
+"""The DiT ops with hand-written backward passes (`glm_jax.models.dit_ops`): values and gradients against autodiff
+of the plain formulas, and the GPU kernels (in Pallas' interpreter here; compiled with `JAX_PLATFORMS=cuda` on a
+GPU) against the plain-JAX path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax.models import dit_ops
+
+KERNEL_ATOL = 2e-5
+
+
+def rnd(seed, *shape, scale=1.0, shift=0.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale + shift, jnp.float32)
+
+
+def rel_err(a, b):
+    """Max difference relative to the largest magnitude of `b` (absolute where `b` is all zeros)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1.0 if not np.any(b) else 0.0))
+
+
+def plain_sublayer(x, shift, scale, gate, w, b, t):
+    """One sub-layer written without the custom ops: per-stream vectors picked with `where`, LayerNorm by hand,
+    a nonlinear sub-layer `tanh(u @ w)` with an output bias, so that every cotangent depends on the position."""
+    length = x.shape[1]
+    pick = lambda v: jnp.where((jnp.arange(length) < t)[None, :, None], v[:, :1], v[:, 1:])
+    mean = x.mean(-1, keepdims=True)
+    h = (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    u = h * (1 + pick(scale)) + pick(shift)
+    return x + pick(gate) * (jnp.tanh(u @ w) + b)
+
+
+def custom_sublayer(x, shift, scale, gate, w, b, t):
+    u, xr = dit_ops.modulate_split(x, shift, scale, t)
+    return dit_ops.gated_residual(xr, jnp.tanh(u @ w), b, gate, t)
+
+
+def check_grads(plain, custom, args, cot, tol=1e-5):
+    assert rel_err(custom(*args), plain(*args)) < tol
+    argnums = tuple(range(len(args)))
+    gp = jax.grad(lambda *a: jnp.vdot(plain(*a), cot), argnums=argnums)(*args)
+    gc = jax.grad(lambda *a: jnp.vdot(custom(*a), cot), argnums=argnums)(*args)
+    for i, (a, b) in enumerate(zip(gc, gp)):
+        assert rel_err(a, b) < tol, (i, rel_err(a, b))
+    return gc
+
+
+@pytest.mark.parametrize("t", [0, 5, 16])
+def test_modulation_ops_match_autodiff(t):
+    b, length, d = 2, 24, 32
+    args = (rnd(0, b, length, d, shift=0.5), rnd(1, b, 2, d, scale=0.3), rnd(2, b, 2, d, scale=0.3),
+            rnd(3, b, 2, d, scale=0.5), rnd(4, d, d, scale=d ** -0.5), rnd(5, d, scale=0.2))
+    grads = check_grads(lambda *a: plain_sublayer(*a, t), lambda *a: custom_sublayer(*a, t), args,
+                        rnd(6, b, length, d))
+    if t == 0:   # no text position: the text rows of the per-stream gradients are exactly zero
+        for g in grads[1:4]:
+            assert not np.any(np.asarray(g[:, 0]))
+
+
+def plain_norm_rope(y, bias, cos, sin):
+    b, length, d = y.shape
+    k = cos.shape[-1]
+    x = (y + bias).reshape(b, length, d // k, k)
+    mean = x.mean(-1, keepdims=True)
+    xn = (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    rot = jnp.concatenate([-xn[..., k // 2:], xn[..., :k // 2]], -1)
+    return (xn * cos[None, :, None] + rot * sin[None, :, None]).reshape(y.shape)
+
+
+def tables(length, k):
+    ang = rnd(7, length, k // 2, scale=2.0)
+    ang = jnp.concatenate([ang, ang], -1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def test_qk_norm_rope_matches_autodiff():
+    b, length, heads, k = 2, 12, 3, 16
+    cos, sin = tables(length, k)
+    args = (rnd(8, b, length, heads * k, shift=0.3), rnd(9, heads * k, scale=0.5))
+    check_grads(lambda y, bias: plain_norm_rope(y, bias, cos, sin),
+                lambda y, bias: dit_ops.qk_norm_rope(y, bias, cos, sin), args, rnd(10, b, length, heads * k))
+
+
+def test_bias_gelu_matches_autodiff():
+    args = (rnd(11, 2, 12, 64, scale=2.0), rnd(12, 64, scale=0.5))
+    check_grads(lambda h, b: jax.nn.gelu(h + b, approximate=True), dit_ops.bias_gelu, args, rnd(13, 2, 12, 64))
+
+
+# ------------------------------------------------------------------------------------------------ the kernels
+
+B, L, D = 2, 128 * 3, 1024   # 3 x 128 positions per sample: row blocks of 32 hold one stream or both (t = 40)
+
+
+def modulation_inputs():
+    return dict(x=rnd(20, B, L, D, shift=0.5), shift=rnd(21, B, 2, D, scale=0.3), scale=rnd(22, B, 2, D, scale=0.3),
+                gate=rnd(23, B, 2, D, scale=0.5), g=rnd(24, B, L, D), f=rnd(25, B, L, D), du=rnd(26, B, L, D),
+                bias=rnd(27, D, scale=0.2))
+
+
+@pytest.mark.parametrize("t", [0, 40, 100])
+def test_modulation_kernels_match_plain_path(t):
+    v = modulation_inputs()
+    assert dit_ops._block_rows(L, D) == 32
+    df_k, dgate_k, gsum_k = dit_ops.gate_backward_kernel(v["g"], v["f"], v["bias"], v["gate"], t, interpret=True)
+    _, df, dbias, dgate = dit_ops._gated_residual_bwd(t, (v["f"], v["bias"], v["gate"]), v["g"])
+    np.testing.assert_allclose(df_k, df, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dgate_k, dgate, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jnp.sum(gsum_k * v["gate"], axis=(0, 1)), dbias, rtol=1e-5, atol=1e-4)
+
+    (u, _), res = dit_ops._modulate_fwd(v["x"], v["shift"], v["scale"], t)
+    dx, dshift, dscale = dit_ops._modulate_bwd(t, res, (v["du"], v["g"]))
+    _, mean, rstd, _, _ = res
+    u_k, mean_k, rstd_k = dit_ops.modulate_kernel(v["x"], v["shift"], v["scale"], t, interpret=True)
+    np.testing.assert_allclose(u_k, u, rtol=1e-5, atol=KERNEL_ATOL)
+    np.testing.assert_allclose(mean_k, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rstd_k, rstd, rtol=1e-5, atol=1e-6)
+    sp = 1 + v["scale"]
+    h = (v["x"] - mean) * rstd
+    dh = v["du"] * dit_ops._select(sp, t, L)
+    stats = jnp.concatenate([mean, rstd, dh.mean(-1, keepdims=True), (dh * h).mean(-1, keepdims=True)], -1)
+    dx_k, dshift_k, dscale_k = dit_ops.modulate_backward_kernel(v["du"], v["x"], v["g"], stats, sp, t,
+                                                                interpret=True)
+    np.testing.assert_allclose(dx_k, dx, rtol=1e-5, atol=KERNEL_ATOL)
+    np.testing.assert_allclose(dshift_k, dshift, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dscale_k, dscale, rtol=1e-5, atol=1e-4)
+    if t == 0:
+        assert not np.any(np.asarray(dshift_k[:, 0]))
+
+
+def test_norm_rope_and_gelu_kernels_match_plain_path():
+    k = 64
+    cos, sin = tables(L, k)
+    y, bias, g = rnd(30, B, L, D, shift=0.3), rnd(31, D, scale=0.5), rnd(32, B, L, D)
+    out, res = dit_ops._qk_fwd(y, bias, cos, sin)
+    dx, dbias, _, _ = dit_ops._qk_bwd(res, g)
+    np.testing.assert_allclose(dit_ops.norm_rope_kernel(y, bias, cos, sin, interpret=True), out, rtol=1e-5,
+                               atol=KERNEL_ATOL)
+    dx_k, dbias_k = dit_ops.norm_rope_backward_kernel(y, bias, cos, sin, g, interpret=True)
+    np.testing.assert_allclose(dx_k, dx, rtol=1e-5, atol=KERNEL_ATOL)
+    np.testing.assert_allclose(dbias_k, dbias, rtol=1e-5, atol=1e-4)
+
+    f = 512
+    h, bias, g = rnd(33, B, L, f, scale=2.0), rnd(34, f, scale=0.5), rnd(35, B, L, f)
+    out, res = dit_ops._gelu_fwd(h, bias)
+    dh, dbias = dit_ops._gelu_bwd(res, g)
+    np.testing.assert_allclose(dit_ops.gelu_kernel(h, bias, interpret=True), out, rtol=1e-5, atol=KERNEL_ATOL)
+    dh_k, dbias_k = dit_ops.gelu_backward_kernel(h, bias, g, interpret=True)
+    np.testing.assert_allclose(dh_k, dh, rtol=1e-5, atol=KERNEL_ATOL)
+    np.testing.assert_allclose(dbias_k, dbias, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_tiling_rules():
+    assert dit_ops._block_rows(4352, 4096) == 32          # 1024², 256 glyph tokens
+    assert dit_ops._block_rows(4096 + 8, 4096) == 8
+    assert dit_ops._block_rows(4096 + 5, 4096) is None    # these run as plain JAX
+    assert dit_ops._block_rows(4352, 4000) is None
+    assert dit_ops._block_rows(4352, 16384, 256) == 32
+    assert jax.default_backend() == "gpu" or not dit_ops._use_kernels(4352, 4096)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernels: GPU only")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_kernels_on_gpu(dtype, monkeypatch):
+    """At the real 1024² shapes: every op's forward and backward with the compiled kernels equal the plain-JAX
+    path (the same formulas, differently rounded in bf16)."""
+    b, length, d, f, k, t = 1, 4352, 4096, 16384, 128, 256
+    c = lambda a: a.astype(dtype)
+    x, g, du = c(rnd(40, b, length, d, shift=0.5)), c(rnd(41, b, length, d)), c(rnd(42, b, length, d))
+    shift, scale, gate, bias = rnd(43, b, 2, d, scale=0.3), rnd(44, b, 2, d, scale=0.3), rnd(45, b, 2, d), rnd(46, d)
+    h, gh, bias_f = c(rnd(47, b, length, f, scale=2.0)), c(rnd(48, b, length, f)), rnd(49, f)
+    cos, sin = tables(length, k)
+
+    def run():
+        def vjp(fn, *a):
+            out, back = jax.vjp(fn, *a)
+            return out, back(jax.tree.map(jnp.ones_like, out))
+        return jax.jit(lambda: [
+            vjp(lambda x, s, sc: dit_ops.modulate_split(x, s, sc, t), x, shift, scale),
+            vjp(lambda x, f_, b_, gt: dit_ops.gated_residual(x, f_, b_, gt, t), x, du, c(bias), gate),
+            vjp(dit_ops.qk_norm_rope, g, c(bias), cos, sin),
+            vjp(dit_ops.bias_gelu, h, c(bias_f)),
+            jax.vjp(lambda x, s, sc: dit_ops.modulate_split(x, s, sc, t), x, shift, scale)[1]((du, g)),
+            jax.vjp(dit_ops.bias_gelu, h, c(bias_f))[1](gh),
+        ])()
+
+    assert dit_ops._use_kernels(length, d) and dit_ops._use_kernels(length, f, dit_ops._GELU_BC)
+    with_kernels = run()
+    monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "0")
+    plain_path = run()
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b_ in zip(jax.tree.leaves(with_kernels), jax.tree.leaves(plain_path)):
+        assert rel_err(a, b_) <= tol, (a.shape, rel_err(a, b_))
