@@ -74,13 +74,47 @@ def _mod_bc() -> int:
     return int(os.environ.get("GLM_JAX_K_BC", "256"))
 
 
+def _interpret() -> bool:
+    """`GLM_JAX_DIT_KERNELS=interpret`: the kernels run in Pallas' interpreter, on any backend (tests)."""
+    return os.environ.get("GLM_JAX_DIT_KERNELS") == "interpret"
+
+
 def _kernels_on() -> bool:
-    """Kernels run on GPU, unless `GLM_JAX_DIT_KERNELS=0`, and not under a mesh of several devices (a Pallas
-    call is not partitioned by XLA: there the plain-JAX formulas run, which the partitioner splits)."""
-    if os.environ.get("GLM_JAX_DIT_KERNELS") == "0" or jax.default_backend() != "gpu":
+    """Kernels run on GPU unless `GLM_JAX_DIT_KERNELS=0`. Under a mesh they run per device on the samples it
+    holds (`_per_device`), which needs the activations split by samples only: with a `tensor` axis of more
+    than one device the plain-JAX formulas run instead, which the partitioner splits."""
+    if os.environ.get("GLM_JAX_DIT_KERNELS") == "0" or (jax.default_backend() != "gpu" and not _interpret()):
         return False
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size <= 1
+    return mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
+
+
+def _per_device(fn, args, batched, outs):
+    """`fn(*args)` with a Pallas call inside, per device under a mesh: XLA does not partition a Pallas call, so
+    it runs in a `shard_map` over the mesh axes that split the samples. `batched[i]`: whether argument `i` has
+    the sample axis first (else it is replicated); `outs[i]`: "batch" (sample axis first) or "sum" (a partial
+    sum over this device's samples, summed over the devices)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size <= 1:
+        return fn(*args)
+    from jax.sharding import PartitionSpec as P
+
+    from glm_jax.sharding import ACTIVATION_RULES, logical_spec
+    b = next(a.shape[0] for a, is_b in zip(args, batched) if is_b)
+    axes = logical_spec(("batch",), (b,), mesh, ACTIVATION_RULES)[0]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+    def spec(ndim, is_b):
+        return P(axes, *[None] * (ndim - 1)) if is_b else P(*[None] * ndim)
+
+    def local(*a):
+        res = fn(*a)
+        return tuple(jax.lax.psum(r, names) if kind == "sum" and names else r for r, kind in zip(res, outs))
+
+    in_specs = tuple(spec(a.ndim, is_b) for a, is_b in zip(args, batched))
+    out_shapes = jax.eval_shape(fn, *args)
+    out_specs = tuple(spec(o.ndim, kind == "batch") for o, kind in zip(out_shapes, outs))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _use_kernels(length: int, d: int, bc: int = 128) -> bool:
@@ -253,6 +287,7 @@ def _call(kernel, ins, outs, grid, interpret, num_warps=4):
     neighbouring tiles of the same rows."""
     pl = _pl()
     extra = {}
+    interpret = interpret or _interpret()
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         num_warps = int(os.environ.get("GLM_JAX_K_WARPS", str(num_warps)))
@@ -387,7 +422,8 @@ def _gated_residual_bwd(t, res, g):
     f, bias, gate = res
     length, d = f.shape[1], f.shape[2]
     if _use_kernels(length, d, _mod_bc()):
-        df, dgate, gsum = gate_backward_kernel(g, f, bias, gate, t)
+        df, dgate, gsum = _per_device(lambda *a: gate_backward_kernel(*a, t), (g, f, bias, gate),
+                                      (True, True, False, True), ("batch",) * 3)
     else:
         g32 = g.astype(jnp.float32)
         df = (g * _select(gate, t, length).astype(g.dtype)).astype(f.dtype)
@@ -413,7 +449,8 @@ def modulate_split(x_BLD: jax.Array, shift_B2D: jax.Array, scale_B2D: jax.Array,
 def _modulate_fwd(x, shift, scale, t):
     length, d = x.shape[1], x.shape[2]
     if _modulate_fwd_kernel_ok(length, d):
-        u, mean, rstd = modulate_kernel(x, shift, scale, t)
+        u, mean, rstd = _per_device(lambda *a: modulate_kernel(*a, t), (x, shift, scale), (True,) * 3,
+                                    ("batch",) * 3)
         return (u, x), (x, mean, rstd, shift, scale)
     x32 = x.astype(jnp.float32)
     mean, rstd = ln_stats(x32, LN_EPS)
@@ -433,7 +470,8 @@ def _modulate_bwd(t, res, cts):
     dh = du32 * _select(sp, t, length)
     stats = (mean, rstd, jnp.mean(dh, -1, keepdims=True), jnp.mean(dh * h, -1, keepdims=True))
     if _use_kernels(length, d, _mod_bc()):
-        dx, dshift, dscale = modulate_backward_kernel(du, x, g, jnp.concatenate(stats, -1), sp, t)
+        dx, dshift, dscale = _per_device(lambda *a: modulate_backward_kernel(*a, t),
+                                         (du, x, g, jnp.concatenate(stats, -1), sp), (True,) * 5, ("batch",) * 3)
     else:
         _, _, a, c = stats
         dx = (g.astype(jnp.float32) + rstd * (dh - a - h * c)).astype(x.dtype)
@@ -478,7 +516,8 @@ def _qk_fwd(y, bias, cos, sin):
     length, d = y.shape[1], y.shape[2]
     k = cos.shape[-1]
     if _use_kernels(length, d, k):
-        out = norm_rope_kernel(y, bias, cos, sin)
+        out, = _per_device(lambda *a: (norm_rope_kernel(*a),), (y, bias, cos, sin), (True, False, False, False),
+                           ("batch",))
     else:
         x32 = _heads(y.astype(jnp.float32) + bias.astype(y.dtype).astype(jnp.float32), k)
         mean, rstd = jax.lax.optimization_barrier(ln_stats(x32, LN_EPS))
@@ -493,7 +532,8 @@ def _qk_bwd(res, g):
     length, d = y.shape[1], y.shape[2]
     k = cos.shape[-1]
     if _use_kernels(length, d, k):
-        dx, dbias = norm_rope_backward_kernel(y, bias, cos, sin, g)
+        dx, dbias = _per_device(norm_rope_backward_kernel, (y, bias, cos, sin, g), (True, False, False, False, True),
+                                ("batch", "sum"))
     else:
         x32 = _heads(y.astype(jnp.float32) + bias.astype(y.dtype).astype(jnp.float32), k)
         mean, rstd = ln_stats(x32, LN_EPS)
@@ -526,7 +566,7 @@ def bias_gelu(h_BLF: jax.Array, bias_F: jax.Array) -> jax.Array:
 def _gelu_fwd(h, bias):
     length, f = h.shape[1], h.shape[2]
     if _use_kernels(length, f, _GELU_BC):
-        out = gelu_kernel(h, bias)
+        out, = _per_device(lambda *a: (gelu_kernel(*a),), (h, bias), (True, False), ("batch",))
     else:
         out = _gelu_tanh32((h + bias.astype(h.dtype)).astype(jnp.float32)).astype(h.dtype)
     return out, (h, bias)
@@ -536,7 +576,7 @@ def _gelu_bwd(res, g):
     h, bias = res
     length, f = h.shape[1], h.shape[2]
     if _use_kernels(length, f, _GELU_BC):
-        dh, dbias = gelu_backward_kernel(h, bias, g)
+        dh, dbias = _per_device(gelu_backward_kernel, (h, bias, g), (True, False, True), ("batch", "sum"))
     else:
         x = (h + bias.astype(h.dtype)).astype(jnp.float32)
         dh = (g.astype(jnp.float32) * _gelu_tanh_grad32(x)).astype(h.dtype)
