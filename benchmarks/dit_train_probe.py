@@ -2,11 +2,16 @@
 
     python -m benchmarks.dit_train_probe --tag default [--remat none] [--profile] [--hlo] [--iters 5]
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m benchmarks.dit_train_probe --tag notriton
+    python -m benchmarks.dit_train_probe --tag ab --variants "kernels:;plain:GLM_JAX_DIT_KERNELS=0" --rounds 3
 
 Same step as `benchmarks.train_gpu --part dit` (gradient of `<out, cotangent>` with respect to every parameter,
 1024², 4096 image + 256 glyph tokens, batch 1, cuDNN attention) without the diffusers side, so that several
 variants (XLA flags, remat policies) fit in one GPU call. `--profile` adds a `jax.profiler` trace of two steps,
-summarised by kernel and by category (`benchmarks.trace_summary`). Writes `$OUT/dit_train_probe_<tag>.json`.
+summarised by kernel and by category (`benchmarks.trace_summary`), and the last step's kernels in launch order
+(`$OUT/dit_train_probe_<tag>_ops.tsv`: XLA instruction, kernel, microseconds; the instruction is recorded with
+`XLA_FLAGS=--xla_gpu_enable_command_buffer=`). `--variants` compiles the step once per set of environment
+variables and times them round-robin in one process (an A/B on one card with the drift shared).
+Writes `$OUT/dit_train_probe_<tag>.json`.
 """
 
 from __future__ import annotations

@@ -28,6 +28,12 @@ sums (summed afterwards: deterministic); elsewhere, or for shapes the kernels do
 a multiple of 8, feature sizes not a multiple of the column tile), the same formulas run as plain JAX. Both
 are checked against autodiff of the plain formulas (`tests/test_dit_ops.py`, the kernels in Pallas'
 interpreter, and compiled on a GPU).
+
+Environment (read while tracing): `GLM_JAX_DIT_KERNELS=0` runs the plain-JAX formulas everywhere,
+`GLM_JAX_DIT_KERNELS=interpret` runs the kernels in Pallas' interpreter on any backend (tests). The tile sizes
+can be overridden for `benchmarks/dit_ops_probe.py`'s sweeps: `GLM_JAX_K_ROWS`, `GLM_JAX_K_BC`, `GLM_JAX_K_FROWS`
+(rows / columns per program), `GLM_JAX_K_WARPS`, `GLM_JAX_K_ORDER` (`cols`: neighbouring programs take
+neighbouring column tiles; `rows`), `GLM_JAX_K_MODFWD=0` (the modulation forward in XLA).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import jax.numpy as jnp
 from glm_jax.models.layers import ln_stats
 
 LN_EPS = 1e-5
-_ROWS = (32, 16, 8)  # rows per kernel program: the first that divides the sequence length
+_ROWS = (32, 16, 8)  # rows per kernel program: the largest (up to a per-kernel bound) dividing the length
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
