@@ -24,10 +24,11 @@ bias of the projection before them the same way; their backward passes write the
 gradient's partial sums in one pass.
 
 On GPU the passes are Pallas (Triton) kernels that write the output tile and per-row-block column partial
-sums (summed afterwards: deterministic); elsewhere, or for shapes the kernels do not tile (rows per sample not
-a multiple of 8, feature sizes not a multiple of the column tile), the same formulas run as plain JAX. Both
-are checked against autodiff of the plain formulas (`tests/test_dit_ops.py`, the kernels in Pallas'
-interpreter, and compiled on a GPU).
+sums (summed afterwards: deterministic). Elsewhere, or for shapes the kernels do not tile (rows per sample not
+a multiple of 8, e.g. a glyph length that is not; feature sizes not a multiple of the column tile), the
+modulation and gated residual are the plain formulas differentiated by JAX, and the norm + RoPE and GELU keep
+their hand-written backward passes in plain JAX. Both are checked against autodiff of the plain formulas
+(`tests/test_dit_ops.py`: the kernels in Pallas' interpreter, and compiled on a GPU).
 
 Environment (read while tracing): `GLM_JAX_DIT_KERNELS=0` runs the plain-JAX formulas everywhere,
 `GLM_JAX_DIT_KERNELS=interpret` runs the kernels in Pallas' interpreter on any backend (tests). The tile sizes
@@ -58,12 +59,6 @@ def _select(v_B2D: jax.Array, t: int, length: int) -> jax.Array:
     b, _, d = v_B2D.shape
     return jnp.concatenate([jnp.broadcast_to(v_B2D[:, :1], (b, t, d)),
                             jnp.broadcast_to(v_B2D[:, 1:], (b, length - t, d))], axis=1)
-
-
-def _stream_sums(p_BLD: jax.Array, t: int) -> jax.Array:
-    """Per-stream sums over positions, `[B, 2, D]` float32: text = sum of the first `t`, image = the rest."""
-    txt = jnp.sum(p_BLD[:, :t], axis=1, dtype=jnp.float32)
-    return jnp.stack([txt, jnp.sum(p_BLD, axis=1, dtype=jnp.float32) - txt], axis=1)
 
 
 def _block_rows(length: int, d: int, bc: int = 128, most: int = 32) -> int | None:
@@ -413,43 +408,67 @@ def gelu_backward_kernel(h_BLF, bias_F, g_BLF, *, interpret=False):
 # ------------------------------------------------------------------------------------------------ the ops
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gated_residual(x_BLD: jax.Array, f_BLD: jax.Array, bias_D: jax.Array, gate_B2D: jax.Array, t: int) -> jax.Array:
     """`x + gate_s * (f + bias)`, with the gate of each position's stream (`gate_B2D[:, 0]` text, `[:, 1]` image);
-    `f + bias` is rounded to the dtype of `f` first, as the projection's own bias add would."""
-    return x_BLD + (f_BLD + bias_D.astype(f_BLD.dtype)) * _select(gate_B2D, t, x_BLD.shape[1]).astype(f_BLD.dtype)
+    `f + bias` is rounded to the dtype of `f` first, as the projection's own bias add would.
+
+    With the kernels: a hand-written backward pass (one kernel: `dF`, `dgate_s`, the bias sum; the cotangent of
+    `x` is passed on as it is). Without them: the plain formula, differentiated by JAX."""
+    if _use_kernels(x_BLD.shape[1], x_BLD.shape[2], _mod_bc()):
+        return _gated_residual_op(x_BLD, f_BLD, bias_D, gate_B2D, t)
+    return _gated_residual_plain(x_BLD, f_BLD, bias_D, gate_B2D, t)
+
+
+def _gated_residual_plain(x, f, bias, gate, t):
+    return x + (f + bias.astype(f.dtype)) * _select(gate, t, x.shape[1]).astype(f.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gated_residual_op(x, f, bias, gate, t):
+    return _gated_residual_plain(x, f, bias, gate, t)
 
 
 def _gated_residual_fwd(x, f, bias, gate, t):
-    return gated_residual(x, f, bias, gate, t), (f, bias, gate)
+    return _gated_residual_plain(x, f, bias, gate, t), (f, bias, gate)
 
 
 def _gated_residual_bwd(t, res, g):
     f, bias, gate = res
-    length, d = f.shape[1], f.shape[2]
-    if _use_kernels(length, d, _mod_bc()):
-        df, dgate, gsum = _per_device(lambda *a: gate_backward_kernel(*a, t), (g, f, bias, gate),
-                                      (True, True, False, True), ("batch",) * 3)
-    else:
-        g32 = g.astype(jnp.float32)
-        df = (g * _select(gate, t, length).astype(g.dtype)).astype(f.dtype)
-        dgate = _stream_sums(g32 * (f.astype(jnp.float32) + bias.astype(jnp.float32)), t)
-        gsum = _stream_sums(g32, t)
+    df, dgate, gsum = _per_device(lambda *a: gate_backward_kernel(*a, t), (g, f, bias, gate),
+                                  (True, True, False, True), ("batch",) * 3)
     dbias = jnp.sum(gsum * gate.astype(jnp.float32), axis=(0, 1))
     return g, df, dbias.astype(bias.dtype), dgate.astype(gate.dtype)
 
 
-gated_residual.defvjp(_gated_residual_fwd, _gated_residual_bwd)
+_gated_residual_op.defvjp(_gated_residual_fwd, _gated_residual_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def modulate_split(x_BLD: jax.Array, shift_B2D: jax.Array, scale_B2D: jax.Array, t: int
                    ) -> tuple[jax.Array, jax.Array]:
     """`(LN(x) * (1 + scale_s) + shift_s, x)`: the modulated input of a sub-layer and the residual path.
 
-    LayerNorm without affine parameters, statistics in float32 (eps 1e-5), the result in the dtype of `x`.
-    Returning `x` as well lets the backward pass add the residual path's cotangent in the same pass."""
-    return _modulate_fwd(x_BLD, shift_B2D, scale_B2D, t)[0]
+    LayerNorm without affine parameters, statistics in float32 (eps 1e-5), the normalised input rounded to the
+    dtype of `x` before the modulation (as torch's LayerNorm output is). With the kernels: a whole-row forward
+    kernel and a hand-written backward pass, which adds the residual path's cotangent (the second output's) in
+    the same pass. Without them: the plain formula, differentiated by JAX."""
+    if _use_kernels(x_BLD.shape[1], x_BLD.shape[2], _mod_bc()):
+        return _modulate_op(x_BLD, shift_B2D, scale_B2D, t)
+    return _modulate_plain(x_BLD, shift_B2D, scale_B2D, t)[0]
+
+
+def _modulate_plain(x, shift, scale, t):
+    """`((u, x), (mean, rstd))` by plain JAX."""
+    length = x.shape[1]
+    x32 = x.astype(jnp.float32)
+    mean, rstd = ln_stats(x32, LN_EPS)
+    h = ((x32 - mean) * rstd).astype(x.dtype)
+    u = h * (1 + _select(scale, t, length).astype(x.dtype)) + _select(shift, t, length).astype(x.dtype)
+    return (u, x), (mean, rstd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _modulate_op(x, shift, scale, t):
+    return _modulate_fwd(x, shift, scale, t)[0]
 
 
 def _modulate_fwd(x, shift, scale, t):
@@ -457,35 +476,26 @@ def _modulate_fwd(x, shift, scale, t):
     if _modulate_fwd_kernel_ok(length, d):
         u, mean, rstd = _per_device(lambda *a: modulate_kernel(*a, t), (x, shift, scale), (True,) * 3,
                                     ("batch",) * 3)
-        return (u, x), (x, mean, rstd, shift, scale)
-    x32 = x.astype(jnp.float32)
-    mean, rstd = ln_stats(x32, LN_EPS)
-    # the normalised input is rounded to the compute dtype before the modulation, as torch's LayerNorm output is
-    h = ((x32 - mean) * rstd).astype(x.dtype)
-    u = h * (1 + _select(scale, t, length).astype(x.dtype)) + _select(shift, t, length).astype(x.dtype)
-    return (u, x), (x, mean, rstd, shift, scale)
+        out = (u, x)
+    else:
+        out, (mean, rstd) = _modulate_plain(x, shift, scale, t)
+    return out, (x, mean, rstd, shift, scale)
 
 
 def _modulate_bwd(t, res, cts):
     x, mean, rstd, shift, scale = res
     du, g = cts
-    length, d = x.shape[1], x.shape[2]
     sp = 1 + scale.astype(jnp.float32)
-    x32, du32 = x.astype(jnp.float32), du.astype(jnp.float32)
-    h = (x32 - mean) * rstd
-    dh = du32 * _select(sp, t, length)
-    stats = (mean, rstd, jnp.mean(dh, -1, keepdims=True), jnp.mean(dh * h, -1, keepdims=True))
-    if _use_kernels(length, d, _mod_bc()):
-        dx, dshift, dscale = _per_device(lambda *a: modulate_backward_kernel(*a, t),
-                                         (du, x, g, jnp.concatenate(stats, -1), sp), (True,) * 5, ("batch",) * 3)
-    else:
-        _, _, a, c = stats
-        dx = (g.astype(jnp.float32) + rstd * (dh - a - h * c)).astype(x.dtype)
-        dshift, dscale = _stream_sums(du32, t), _stream_sums(du32 * h, t)
+    h = (x.astype(jnp.float32) - mean) * rstd
+    dh = du.astype(jnp.float32) * _select(sp, t, x.shape[1])
+    # the row statistics of the LayerNorm backward (an XLA row reduction); the rest is one kernel pass
+    stats = jnp.concatenate([mean, rstd, jnp.mean(dh, -1, keepdims=True), jnp.mean(dh * h, -1, keepdims=True)], -1)
+    dx, dshift, dscale = _per_device(lambda *a: modulate_backward_kernel(*a, t), (du, x, g, stats, sp),
+                                     (True,) * 5, ("batch",) * 3)
     return dx, dshift.astype(shift.dtype), dscale.astype(scale.dtype)
 
 
-modulate_split.defvjp(_modulate_fwd, _modulate_bwd)
+_modulate_op.defvjp(_modulate_fwd, _modulate_bwd)
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
