@@ -1,7 +1,8 @@
 """Summarise a `jax.profiler` perfetto trace: total GPU kernel time by kernel name (top N) and by category
-(attention / gemm / copy / reduction / elementwise, from the kernel names).
+(attention / gemm / copy / reduction / elementwise, from the kernel names); `op_sequence` lists the last step's
+kernels in launch order with the XLA instruction that launched each (where CUDA graphs are off).
 
-    python -m benchmarks.trace_summary TRACE_DIR [--top 40] [--steps N]
+    python -m benchmarks.trace_summary TRACE_DIR [--top 40] [--steps N] [--sequence]
 """
 
 from __future__ import annotations
@@ -88,7 +89,12 @@ def main():
     ap.add_argument("trace_dir")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--sequence", action="store_true", help="print the last step's kernels in launch order")
     a = ap.parse_args()
+    if a.sequence:
+        for op, kernel, us in op_sequence(a.trace_dir):
+            print(f"{us:9.1f}  {op:40s}  {kernel}")
+        return
     print(json.dumps(summarise(a.trace_dir, a.top, a.steps), indent=1))
 
 
