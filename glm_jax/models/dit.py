@@ -177,16 +177,12 @@ def _silu(x):
 
 
 def _gelu_tanh(x: jax.Array) -> jax.Array:
-    """The FF's tanh GELU in float32, cast back (the FF's `act`; `Block` applies it with the first projection's
-    bias through `dit_ops.bias_gelu`, which has a hand-written backward pass)."""
-    return _act32(lambda v: jax.nn.gelu(v, approximate=True), x)
+    """The FF's `act`: `dit_ops.bias_gelu` without a bias (`Block` calls that op with `ff.proj_in`'s bias)."""
+    return bias_gelu(x, jnp.zeros((x.shape[-1],), x.dtype))
 
 
-def _modulate(x_BLD: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """`LN(x)(1 + scale) + shift`; `shift` / `scale` are `[B, D]` (one per sample) or broadcast to `x`."""
-    if shift.ndim == 2:
-        shift, scale = shift[:, None, :], scale[:, None, :]
-    return layer_norm(x_BLD, None, None, LN_EPS) * (1 + scale) + shift
+def _modulate(x_BLD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
+    return layer_norm(x_BLD, None, None, LN_EPS) * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
 
 
 def _expand_ref(ref_BSHD: jax.Array, batch: int) -> jax.Array:

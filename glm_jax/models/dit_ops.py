@@ -45,6 +45,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from glm_jax.models.layers import ln_stats
 
@@ -125,19 +126,12 @@ def _use_kernels(length: int, d: int, bc: int = 128) -> bool:
 # ------------------------------------------------------------------------------------------------ Pallas kernels
 
 
-def _pl():
-    from jax.experimental import pallas as pl
-    return pl
-
-
 def _tile(ref, r0, c0, br, bc):
-    pl = _pl()
     return ref[pl.ds(r0, br), pl.ds(c0, bc)].astype(jnp.float32)
 
 
 def _pick(ref, b, c0, txt, bc):
     """`[BR, BC]` per-row choice between the text and image rows of a `[B * 2, D]` per-stream table."""
-    pl = _pl()
     vt = ref[pl.ds(2 * b, 1), pl.ds(c0, bc)].astype(jnp.float32)
     vi = ref[pl.ds(2 * b + 1, 1), pl.ds(c0, bc)].astype(jnp.float32)
     return jnp.where(txt[:, None], vt, vi)
@@ -145,14 +139,12 @@ def _pick(ref, b, c0, txt, bc):
 
 def _store_sums(part_ref, i, c0, values, bc):
     """Column sums of each `[BR, BC]` value into rows `i * k + n` of the `[blocks * k, D]` partials."""
-    pl = _pl()
     k = len(values)
     for n, v in enumerate(values):
         part_ref[pl.ds(i * k + n, 1), pl.ds(c0, bc)] = jnp.sum(v, axis=0, keepdims=True)
 
 
 def _gate_kernel(g_ref, f_ref, bias_ref, gate_ref, df_ref, part_ref, *, ids=None, t, length, br, bc):
-    pl = _pl()
     i, j = ids or (pl.program_id(0), pl.program_id(1))
     r0, c0 = i * br, j * bc
     b = r0 // length
@@ -165,7 +157,6 @@ def _gate_kernel(g_ref, f_ref, bias_ref, gate_ref, df_ref, part_ref, *, ids=None
 
 
 def _mod_kernel(du_ref, x_ref, g_ref, stats_ref, sp_ref, dx_ref, part_ref, *, ids=None, t, length, br, bc):
-    pl = _pl()
     i, j = ids or (pl.program_id(0), pl.program_id(1))
     r0, c0 = i * br, j * bc
     b = r0 // length
@@ -183,7 +174,6 @@ def _mod_kernel(du_ref, x_ref, g_ref, stats_ref, sp_ref, dx_ref, part_ref, *, id
 def _modulate_fwd_kernel(x_ref, shift_ref, scale_ref, u_ref, stats_ref, *, ids=None, t, length, br, bc, d):
     """Whole rows: LayerNorm statistics in one pass over column chunks (chunk mean and squared deviations
     merged as in Chan et al.), then the modulated output in a second pass (the rows are still in L2)."""
-    pl = _pl()
     i = ids[0] if ids else pl.program_id(0)
     r0 = i * br
     b = r0 // length
@@ -217,7 +207,6 @@ def _modulate_fwd_kernel(x_ref, shift_ref, scale_ref, u_ref, stats_ref, *, ids=N
 
 def _norm_rope_tiles(y_ref, bias_ref, cos_ref, sin_ref, r0, c0, pos0, br, half):
     """Halves of one head's tile: `x = y + bias` centred, `rstd`, and the RoPE tables."""
-    pl = _pl()
     x1 = _tile(y_ref, r0, c0, br, half) + bias_ref[pl.ds(0, 1), pl.ds(c0, half)].astype(jnp.float32)
     x2 = _tile(y_ref, r0, c0 + half, br, half) + bias_ref[pl.ds(0, 1), pl.ds(c0 + half, half)].astype(jnp.float32)
     mean = (jnp.sum(x1, axis=1, keepdims=True) + jnp.sum(x2, axis=1, keepdims=True)) / (2 * half)
@@ -229,7 +218,6 @@ def _norm_rope_tiles(y_ref, bias_ref, cos_ref, sin_ref, r0, c0, pos0, br, half):
 
 
 def _norm_rope_fwd_kernel(y_ref, bias_ref, cos_ref, sin_ref, o_ref, *, ids=None, length, br, half):
-    pl = _pl()
     i, j = ids or (pl.program_id(0), pl.program_id(1))
     r0, c0 = i * br, j * 2 * half
     x1, x2, rstd, (c1, c2, s1, s2) = _norm_rope_tiles(y_ref, bias_ref, cos_ref, sin_ref, r0, c0, r0 % length,
@@ -239,7 +227,6 @@ def _norm_rope_fwd_kernel(y_ref, bias_ref, cos_ref, sin_ref, o_ref, *, ids=None,
 
 
 def _norm_rope_bwd_kernel(y_ref, bias_ref, cos_ref, sin_ref, g_ref, dx_ref, part_ref, *, ids=None, length, br, half):
-    pl = _pl()
     i, j = ids or (pl.program_id(0), pl.program_id(1))
     r0, c0 = i * br, j * 2 * half
     x1, x2, rstd, (c1, c2, s1, s2) = _norm_rope_tiles(y_ref, bias_ref, cos_ref, sin_ref, r0, c0, r0 % length,
@@ -266,7 +253,6 @@ def _gelu_tanh_grad32(x):
 
 
 def _gelu_fwd_kernel(h_ref, bias_ref, o_ref, *, ids=None, br, bc):
-    pl = _pl()
     i, j = ids or (pl.program_id(0), pl.program_id(1))
     r0, c0 = i * br, j * bc
     x = _tile(h_ref, r0, c0, br, bc) + bias_ref[pl.ds(0, 1), pl.ds(c0, bc)].astype(jnp.float32)
@@ -274,7 +260,6 @@ def _gelu_fwd_kernel(h_ref, bias_ref, o_ref, *, ids=None, br, bc):
 
 
 def _gelu_bwd_kernel(h_ref, bias_ref, g_ref, dh_ref, part_ref, *, ids=None, br, bc):
-    pl = _pl()
     i, j = ids or (pl.program_id(0), pl.program_id(1))
     r0, c0 = i * br, j * bc
     x = _tile(h_ref, r0, c0, br, bc) + bias_ref[pl.ds(0, 1), pl.ds(c0, bc)].astype(jnp.float32)
@@ -283,15 +268,14 @@ def _gelu_bwd_kernel(h_ref, bias_ref, g_ref, dh_ref, part_ref, *, ids=None, br, 
     part_ref[pl.ds(i, 1), pl.ds(c0, bc)] = jnp.sum(dh.astype(jnp.float32), axis=0, keepdims=True)
 
 
-def _call(kernel, ins, outs, grid, interpret, num_warps=4):
+def _call(kernel, ins, outs, grid, interpret):
     """`grid = (row blocks, column blocks)`; launched column blocks first, so that neighbouring programs read
     neighbouring tiles of the same rows."""
-    pl = _pl()
     extra = {}
     interpret = interpret or _interpret()
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        num_warps = int(os.environ.get("GLM_JAX_K_WARPS", str(num_warps)))
+        num_warps = int(os.environ.get("GLM_JAX_K_WARPS", "4"))
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     if os.environ.get("GLM_JAX_K_ORDER", "cols") == "rows":
         return pl.pallas_call(kernel, grid=grid, out_shape=outs, interpret=interpret, **extra)(*ins)
