@@ -42,19 +42,26 @@ def category(name: str) -> str:
     return "elementwise / other"
 
 
-def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
-    events, pnames = load_events(trace_dir)
+def gpu_kernels(events: list[dict], pnames: dict[int, str]) -> tuple[list[dict], set[int], dict]:
+    """The kernel events (on the GPU processes' stream threads, where threads are named), the GPU process ids
+    and the names of their threads."""
     gpu_pids = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n or "stream" in n.lower()}
     tnames = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
     streams = {k for k, n in tnames.items() if n.lower().startswith("stream")}
+    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu_pids
+               and (not streams or (e.get("pid"), e.get("tid")) in streams)]
+    return kernels, gpu_pids, tnames
+
+
+def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
+    events, pnames = load_events(trace_dir)
+    kernels, gpu_pids, tnames = gpu_kernels(events, pnames)
     by_name: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
-    for e in events:
-        on_gpu = e.get("pid") in gpu_pids and (not streams or (e.get("pid"), e.get("tid")) in streams)
-        if e.get("ph") == "X" and on_gpu and "dur" in e:
-            by_name[e["name"]] += e["dur"]
-            count[e["name"]] += 1
+    for e in kernels:
+        by_name[e["name"]] += e["dur"]
+        count[e["name"]] += 1
     total = sum(by_name.values())
     by_cat: collections.Counter = collections.Counter()
     n_cat: collections.Counter = collections.Counter()
@@ -73,10 +80,7 @@ def op_sequence(trace_dir: str) -> list[tuple[str, str, float]]:
     """GPU kernels of the last step in launch order as `(XLA instruction, kernel, microseconds)`. The instruction
     is recorded only where XLA launches kernels one by one (`--xla_gpu_enable_command_buffer=` turns CUDA graphs
     off); steps are told apart by gaps of more than 1 ms between kernels."""
-    events, pnames = load_events(trace_dir)
-    gpu_pids = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n or "stream" in n.lower()}
-    kern = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e),
-                  key=lambda e: e["ts"])
+    kern = sorted(gpu_kernels(*load_events(trace_dir))[0], key=lambda e: e["ts"])
     start = 0
     for i in range(1, len(kern)):
         if kern[i]["ts"] - (kern[i - 1]["ts"] + kern[i - 1]["dur"]) > 1000:
