@@ -10,7 +10,8 @@ variants (XLA flags, remat policies) fit in one GPU call. `--profile` adds a `ja
 summarised by kernel and by category (`benchmarks.trace_summary`), and the last step's kernels in launch order
 (`$OUT/dit_train_probe_<tag>_ops.tsv`: XLA instruction, kernel, microseconds; the instruction is recorded with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=`). `--variants` compiles the step once per set of environment
-variables and times them round-robin in one process (an A/B on one card with the drift shared).
+variables and times them round-robin in one process (an A/B on one card with the drift shared); `--hlo-count
+WORD` logs how often WORD occurs in each variant's optimised HLO (e.g. whether a matmul epilogue took an op).
 Writes `$OUT/dit_train_probe_<tag>.json`.
 """
 
@@ -52,6 +53,8 @@ def main():
                     help="'NAME:VAR=V,VAR=V;NAME:...': compile the step once per set of environment variables "
                          "(read while tracing) and time them interleaved in --rounds rounds, in one process")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hlo-count", default="", help="with --variants: log how often this word occurs in each "
+                    "variant's optimised HLO (e.g. GELU, to see whether a matmul epilogue took it)")
     a = ap.parse_args()
     conf = DIT_CONFIG
     if SMOKE:
@@ -133,6 +136,9 @@ def run_variants(a, make_grad, inputs, flops) -> dict:
         t0 = time.time()
         compiled[name] = make_grad().lower(*inputs).compile()
         jax_sync(compiled[name](*inputs))
+        if a.hlo_count:
+            out.setdefault("_hlo_count", {})[name] = compiled[name].as_text().count(a.hlo_count)
+            log(f"{name}: {out['_hlo_count'][name]} x {a.hlo_count!r} in the optimised HLO")
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -144,8 +150,10 @@ def run_variants(a, make_grad, inputs, flops) -> dict:
         for name, fn in compiled.items():
             t = timeit(lambda: fn(*inputs), sync=jax_sync, iters=a.iters)["median_s"]
             out[name]["median_s"].append(t)
-        log(f"round {r}: " + ", ".join(f"{n} {v['median_s'][-1]:.4f}s" for n, v in out.items()))
+        log(f"round {r}: " + ", ".join(f"{n} {out[n]['median_s'][-1]:.4f}s" for n in compiled))
     for name, v in out.items():
+        if name.startswith("_"):
+            continue
         v["best_median_s"] = min(v["median_s"])
         v["mean_median_s"] = float(np.mean(v["median_s"]))
         v["mfu"] = flops / v["mean_median_s"] / PEAK
