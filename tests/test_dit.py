@@ -342,3 +342,60 @@ def test_gradients_match_diffusers(models, t):
         assert rel_err(ours, g) < 1e-4, (key, rel_err(ours, g))
         checked += 1
     assert checked >= 10 * torch_model.config.num_layers
+
+
+def test_kernels_with_padded_stream_match_diffusers(monkeypatch):
+    """The whole model with the fused ops' kernels (in Pallas' interpreter) on a stream whose length they do not
+    tile (5 glyph + 24 image tokens = 29): the stream is padded to 32 rows, masked out of the attention's keys
+    and dropped, and the output, every parameter gradient and the reference K/V written and read all equal
+    diffusers'."""
+    from conversion.table import find_torch
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    from glm_jax.models import dit_ops
+    monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "interpret")
+    torch_model = tiny_dit(seed=5, head_dim=128)
+    cfg = DiTConfig.from_hf(dict(torch_model.config))
+    model = GlmImageDiT(cfg, rngs=nnx.Rngs(0))
+    load_state_dict_into(model, torch_to_numpy_state(torch_model), RULES)
+    assert dit_ops.kernel_length(29, cfg.inner_dim) == 32 and dit_ops.kernel_length(32, cfg.inner_dim) == 32
+
+    x = make_inputs(50, 2, 8, 12, 5, "mixed")
+    cot = np.random.default_rng(2).standard_normal((2, 8, 12, 16)).astype(np.float32)
+    lat = torch.from_numpy(x["latents"]).requires_grad_(True)
+    out = torch_model(hidden_states=lat, encoder_hidden_states=torch.from_numpy(x["glyph"]),
+                      prior_token_id=torch.from_numpy(x["ids"]), prior_token_drop=torch.from_numpy(x["drop"]),
+                      timestep=torch.from_numpy(x["timestep"]), target_size=torch.from_numpy(x["size"]),
+                      crop_coords=torch.from_numpy(x["crop"]), return_dict=False)[0]
+    (out * torch.from_numpy(cot.transpose(0, 3, 1, 2))).sum().backward()
+    want = {k: p.grad.numpy() for k, p in torch_model.named_parameters() if p.grad is not None}
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    args = (jnp.asarray(x["glyph"]), jnp.asarray(x["ids"]), jnp.asarray(x["drop"]), jnp.asarray(x["timestep"]),
+            jnp.asarray(x["size"]), jnp.asarray(x["crop"]))
+
+    def f(params, latents):
+        return jnp.vdot(nnx.merge(graphdef, params)(latents, *args)[0], jnp.asarray(cot))
+    j_lat = jnp.asarray(x["latents"].transpose(0, 2, 3, 1))
+    assert "pallas_call" in str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(params, j_lat))
+    g_params, g_lat = jax.jit(jax.grad(f, argnums=(0, 1)))(params, j_lat)
+    assert rel_err(np.asarray(g_lat), lat.grad.numpy().transpose(0, 2, 3, 1)) < TOL
+    got = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g_params)}
+    for key, g in want.items():
+        path, rule = find_torch(RULES, key)
+        ours = got[path].T if rule.transform == "linear" else got[path]
+        assert rel_err(ours, g) < TOL, (key, rel_err(ours, g))
+
+    # the reference K/V: written with glyph length 0 (24 image tokens, a multiple of 8) and read by a padded stream
+    ref = reference_inputs(51, 12, 8)
+    cache = GlmImageKVCache(num_layers=torch_model.config.num_layers)
+    cache.set_mode("write")
+    run_torch(torch_model, ref, cache)
+    cache.next_sample()
+    _, kv = run_jax(model, ref, kv_mode="write")
+    xr = make_inputs(52, 2, 8, 12, 5, "none")
+    _, kv_padded = run_jax(model, dict(xr, drop=np.ones_like(xr["drop"])), kv_mode="write")
+    assert kv_padded[0][0].shape == (2, 24, 2, 128)          # image tokens only, no padding rows
+    cache.set_mode("read")
+    out_read, _ = run_jax(model, xr, kv_mode="read", ref_kv=kv)
+    assert rel_err(out_read, run_torch(torch_model, xr, cache)) < TOL

@@ -57,11 +57,12 @@ def tiny_ar(seed: int = 0):
     return model
 
 
-def tiny_dit(seed: int = 0):
+def tiny_dit(seed: int = 0, head_dim: int = 16):
+    """The tiny DiT (2 layers, 2 heads); `head_dim=128` gives the width (256) the fused GPU ops tile."""
     from diffusers import GlmImageTransformer2DModel
     torch.manual_seed(seed)
     model = GlmImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                                       attention_head_dim=16, num_attention_heads=2, text_embed_dim=T5_D,
+                                       attention_head_dim=head_dim, num_attention_heads=2, text_embed_dim=T5_D,
                                        time_embed_dim=32, condition_dim=16,
                                        prior_vq_quantizer_codebook_size=N_CODES).eval()
     return _randomize(model, seed)

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm_jax.models.dit_ops import bias_gelu, gated_residual, modulate_split, qk_norm_rope
+from glm_jax.models.dit_ops import bias_gelu, gated_residual, kernel_length, modulate_split, qk_norm_rope
 from glm_jax.models.layers import Dense, DType, layer_norm, param
 from glm_jax.models.remat import check_policy, layer_call
 from glm_jax.sharding import constrain
@@ -284,11 +284,12 @@ class Attention(nnx.Module):
         self.to_out = Dense(d, d, axes=("heads", "embed"), **kw)
 
     def __call__(self, s_BLD: jax.Array, t: int, cos_LD: jax.Array, sin_LD: jax.Array, kv_mode: str,
-                 ref_kv: tuple[jax.Array, jax.Array] | None, out_bias: bool = True
+                 ref_kv: tuple[jax.Array, jax.Array] | None, out_bias: bool = True, n_valid: int | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """`s_BLD`: the modulated joint stream `[text ; image]` (`t` text tokens first); `cos_LD` / `sin_LD`: the
         RoPE tables of the whole stream (the text rows are cos 1, sin 0, which leaves those tokens exactly as
-        they are). Returns the attention output of the joint stream and, for "write", the image tokens' K/V."""
+        they are). `n_valid`: where the stream carries padding rows after its first `n_valid`, those are masked
+        out as keys. Returns the attention output of the joint stream and, for "write", the image tokens' K/V."""
         b, length, _ = s_BLD.shape
 
         def heads(x):
@@ -298,14 +299,18 @@ class Attention(nnx.Module):
         q = heads(qk_norm_rope(self.to_q(s_BLD, bias=False), self.to_q.bias_value(), cos_LD, sin_LD))
         k = heads(qk_norm_rope(self.to_k(s_BLD, bias=False), self.to_k.bias_value(), cos_LD, sin_LD))
         v = heads(self.to_v(s_BLD))
-        stored = (k[:, t:], v[:, t:]) if kv_mode == "write" else None
+        stored = (k[:, t:n_valid], v[:, t:n_valid]) if kv_mode == "write" else None
+        n_keys = n_valid
         if kv_mode == "read":
             k_ref, v_ref = ref_kv
             k = jnp.concatenate([_expand_ref(k_ref, b).astype(k.dtype), k], axis=1)
             v = jnp.concatenate([_expand_ref(v_ref, b).astype(v.dtype), v], axis=1)
+            n_keys = None if n_valid is None else k_ref.shape[1] + n_valid
         # under a mesh: q / k / v split by samples (and heads over `tensor`), as cuDNN's partitioner requires
         q, k, v = (constrain(x, QKV_AXES) for x in (q, k, v))
-        o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, implementation=self.implementation)
+        kv_len = None if n_keys is None else jnp.full((b,), n_keys, jnp.int32)
+        o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, key_value_seq_lengths=kv_len,
+                                         implementation=self.implementation)
         return self.to_out(o.astype(q.dtype).reshape(b, length, self.heads * self.head_dim), bias=out_bias), stored
 
 
@@ -321,8 +326,9 @@ class Block(nnx.Module):
                                axes=(("embed", "mlp"), ("mlp", "embed")), **kw)
 
     def __call__(self, x_BLD: jax.Array, t: int, temb_BE: jax.Array, cos_LD: jax.Array, sin_LD: jax.Array,
-                 kv_mode: str, ref_kv) -> tuple[jax.Array, Any]:
-        """One block on the joint stream `x_BLD = [text ; image]` (`t` text tokens first).
+                 kv_mode: str, ref_kv, n_valid: int | None = None) -> tuple[jax.Array, Any]:
+        """One block on the joint stream `x_BLD = [text ; image]` (`t` text tokens first; with `n_valid`, padding
+        rows after the first `n_valid`, masked out of the attention's keys).
 
         Both streams share every projection, so they go through the matmuls together; only the modulation
         differs per stream. The modulation, gated residuals, qk norm + RoPE and GELU are the `dit_ops` ops
@@ -334,7 +340,7 @@ class Block(nnx.Module):
             jnp.stack([m[i + 1], m[i]], axis=1) for i in (0, 2, 4, 6, 8, 10))
         attn, ff = self.attn1, self.ff
         u, x_res = modulate_split(x_BLD, shift_msa, scale_msa, t)
-        o, stored = attn(u, t, cos_LD, sin_LD, kv_mode, ref_kv, out_bias=False)
+        o, stored = attn(u, t, cos_LD, sin_LD, kv_mode, ref_kv, out_bias=False, n_valid=n_valid)
         x_BLD = gated_residual(x_res, o, attn.to_out.bias_value(), gate_msa, t)
         u, x_res = modulate_split(x_BLD, shift_mlp, scale_mlp, t)
         f = ff.proj_out(bias_gelu(ff.proj_in(u, bias=False), ff.proj_in.bias_value()), bias=False)
@@ -428,14 +434,26 @@ class GlmImageDiT(nnx.Module):
         cos = jnp.concatenate([jnp.ones((t, cos.shape[1]), cos.dtype), cos])
         sin = jnp.concatenate([jnp.zeros((t, sin.shape[1]), sin.dtype), sin])
         x = jnp.concatenate([txt, img], axis=1)
+        # where the stream's length is not one the fused GPU ops tile, padding rows are appended (zeros, RoPE
+        # identity), masked out of the attention's keys and dropped below: no value or gradient changes
+        length = x.shape[1]
+        padded = kernel_length(length, cfg.inner_dim)
+        n_valid = None
+        if padded > length:
+            extra = padded - length
+            x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
+            cos = jnp.concatenate([cos, jnp.ones((extra, cos.shape[1]), cos.dtype)])
+            sin = jnp.concatenate([sin, jnp.zeros((extra, sin.shape[1]), sin.dtype)])
+            n_valid = length
         stored = []
         for i, block in enumerate(self.transformer_blocks):
             layer_ref = ref_kv[i] if kv_mode == "read" else None
-            x, kv = layer_call(block, self.remat, x, t, temb, cos, sin, kv_mode, layer_ref, static_argnums=(1, 5))
+            x, kv = layer_call(block, self.remat, x, t, temb, cos, sin, kv_mode, layer_ref, n_valid,
+                               static_argnums=(1, 5, 7))
             x = constrain(x, STREAM_AXES)
             stored.append(kv)
 
-        out = self.proj_out(self.norm_out(x[:, t:], temb))
+        out = self.proj_out(self.norm_out(x[:, t:length], temb))
         return unpatchify(out, hp, wp, p), (stored if kv_mode == "write" else None)
 
 

@@ -24,8 +24,10 @@ bias of the projection before them the same way; their backward passes write the
 gradient's partial sums in one pass.
 
 On GPU the passes are Pallas (Triton) kernels that write the output tile and per-row-block column partial
-sums (summed afterwards: deterministic). Elsewhere, or for shapes the kernels do not tile (rows per sample not
-a multiple of 8, e.g. a glyph length that is not; feature sizes not a multiple of the column tile), the
+sums (summed afterwards: deterministic). They need the rows per sample to be a multiple of 8: `GlmImageDiT`
+pads its stream to `kernel_length` (the padding rows are masked out of the attention's keys and dropped at
+the end, so they change no value and no gradient). Elsewhere, or for shapes the kernels do not tile (rows per
+sample not a multiple of 8; feature sizes not a multiple of the column tile), the
 modulation and gated residual are the plain formulas differentiated by JAX, and the norm + RoPE and GELU keep
 their hand-written backward passes in plain JAX. Both are checked against autodiff of the plain formulas
 (`tests/test_dit_ops.py`: the kernels in Pallas' interpreter, and compiled on a GPU).
@@ -121,6 +123,16 @@ def _per_device(fn, args, batched, outs):
 
 def _use_kernels(length: int, d: int, bc: int = 128) -> bool:
     return _kernels_on() and _block_rows(length, d, bc) is not None
+
+
+def kernel_length(length: int, d: int) -> int:
+    """The sequence length (positions per sample) to pad a `[B, length, d]` stream to so that the ops run their
+    kernels: `length` where they already do, or where the kernels are off or do not tile `d`; else the next
+    multiple of 8. `GlmImageDiT` appends that many rows and masks them out of the attention's keys."""
+    if not _kernels_on() or _use_kernels(length, d, _mod_bc()):
+        return length
+    padded = -(-length // _ROWS[-1]) * _ROWS[-1]
+    return padded if _use_kernels(padded, d, _mod_bc()) else length
 
 
 # ------------------------------------------------------------------------------------------------ Pallas kernels
