@@ -11,7 +11,8 @@ summarised by kernel and by category (`benchmarks.trace_summary`), and the last 
 (`$OUT/dit_train_probe_<tag>_ops.tsv`: XLA instruction, kernel, microseconds; the instruction is recorded with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=`). `--variants` compiles the step once per set of environment
 variables and times them round-robin in one process (an A/B on one card with the drift shared); `--hlo-count
-WORD` logs how often WORD occurs in each variant's optimised HLO (e.g. whether a matmul epilogue took an op).
+WORD` logs how often WORD occurs in each variant's optimised HLO (e.g. whether a matmul epilogue took an op);
+`--compare` checks each variant's gradients against the first's. `--glyph N` sets the glyph tokens (256).
 Writes `$OUT/dit_train_probe_<tag>.json`.
 """
 
@@ -53,6 +54,10 @@ def main():
                     help="'NAME:VAR=V,VAR=V;NAME:...': compile the step once per set of environment variables "
                          "(read while tracing) and time them interleaved in --rounds rounds, in one process")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--glyph", type=int, default=None, help="glyph tokens (default 256; e.g. 251 for a stream "
+                    "length the DiT pads for its GPU kernels)")
+    ap.add_argument("--compare", action="store_true", help="with --variants: max relative difference of each "
+                    "variant's parameter gradients (first and last block, embedders, output) to the first variant's")
     ap.add_argument("--hlo-count", default="", help="with --variants: log how often this word occurs in each "
                     "variant's optimised HLO (e.g. GELU, to see whether a matmul epilogue took it)")
     a = ap.parse_args()
@@ -64,7 +69,9 @@ def main():
     on_gpu = jax.default_backend() == "gpu"
     attention = "cudnn" if on_gpu else None
     res = {"device": device_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": a.tag, "remat": a.remat}
-    flops = 3 * dit_flops(cfg, (H // 16) * (W // 16), T_GLYPH, 0)
+    t_glyph = a.glyph if a.glyph is not None else T_GLYPH
+    res["glyph_tokens"] = t_glyph
+    flops = 3 * dit_flops(cfg, (H // 16) * (W // 16), t_glyph, 0)
     res["tflop"] = flops / 1e12
     t0 = time.time()
     model = random_module(lambda: GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attention,
@@ -75,7 +82,7 @@ def main():
     n = (H // 16) * (W // 16)
     lat = jnp.asarray(rng.standard_normal((1, H // 8, W // 8, cfg.in_channels)), jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal(lat.shape), jnp.bfloat16)
-    args = (jnp.asarray(rng.standard_normal((1, T_GLYPH, cfg.text_embed_dim)), jnp.bfloat16),
+    args = (jnp.asarray(rng.standard_normal((1, t_glyph, cfg.text_embed_dim)), jnp.bfloat16),
             jnp.asarray(rng.integers(0, cfg.prior_vq_quantizer_codebook_size, (1, n)), jnp.int32),
             jnp.zeros((1, n), bool), jnp.asarray([979.0], jnp.float32), jnp.asarray([[H, W]], jnp.float32),
             jnp.zeros((1, 2), jnp.float32))
@@ -92,6 +99,7 @@ def main():
     grad = make_grad()
 
     if a.variants:
+        a.layers = cfg.num_layers
         res["variants"] = run_variants(a, make_grad, (state, lat, args, cot), flops)
         write_result(f"dit_train_probe_{a.tag}", res)
         return
@@ -124,10 +132,15 @@ def main():
     write_result(f"dit_train_probe_{a.tag}", res)
 
 
+def _compared(path: str, last: int) -> bool:
+    """The gradients `--compare` copies to the host: the first and last blocks and everything outside the blocks."""
+    return "transformer_blocks" not in path or any(f"['transformer_blocks'][{i}]" in path for i in (0, last))
+
+
 def run_variants(a, make_grad, inputs, flops) -> dict:
     """Each variant compiled with its environment, then all timed round-robin (`--iters` steps each per round):
     card clock and temperature drift then affect every variant alike."""
-    compiled, out = {}, {}
+    compiled, out, reference = {}, {}, None
     for spec in a.variants.split(";"):
         name, _, env = spec.partition(":")
         pairs = dict(kv.split("=", 1) for kv in env.split(",") if kv)
@@ -135,7 +148,22 @@ def run_variants(a, make_grad, inputs, flops) -> dict:
         os.environ.update(pairs)
         t0 = time.time()
         compiled[name] = make_grad().lower(*inputs).compile()
-        jax_sync(compiled[name](*inputs))
+        grads = compiled[name](*inputs)
+        jax_sync(grads)
+        if a.compare:
+            picked = {jax.tree_util.keystr(p): np.asarray(g, np.float32)
+                      for p, g in jax.tree_util.tree_leaves_with_path(grads) if _compared(jax.tree_util.keystr(p), a.layers - 1)}
+            if reference is None:
+                reference = picked
+            else:
+                errs = {k: float(np.max(np.abs(v - reference[k])) / max(np.max(np.abs(reference[k])), 1e-30))
+                        for k, v in picked.items()}
+                worst = max(errs, key=errs.get)
+                out.setdefault("_compare", {})[name] = {"leaves": len(errs), "max_rel": errs[worst], "worst": worst,
+                                                        "median_rel": float(np.median(list(errs.values())))}
+                log(f"{name} vs the first variant: {len(errs)} gradients, max relative difference "
+                    f"{errs[worst]:.2e} ({worst}), median {out['_compare'][name]['median_rel']:.2e}")
+        del grads
         if a.hlo_count:
             out.setdefault("_hlo_count", {})[name] = compiled[name].as_text().count(a.hlo_count)
             log(f"{name}: {out['_hlo_count'][name]} x {a.hlo_count!r} in the optimised HLO")

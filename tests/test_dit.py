@@ -399,3 +399,24 @@ def test_kernels_with_padded_stream_match_diffusers(monkeypatch):
     cache.set_mode("read")
     out_read, _ = run_jax(model, xr, kv_mode="read", ref_kv=kv)
     assert rel_err(out_read, run_torch(torch_model, xr, cache)) < TOL
+
+
+def test_padded_length_rule(models, monkeypatch):
+    """The stream is padded only where needed: to a multiple of 8 for the fused ops' kernels (where they tile
+    the width) or for cuDNN attention (odd lengths fail in its backward pass), never otherwise."""
+    _, model = models                                     # width 32: the kernels do not tile it
+    monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "interpret")
+    assert model.padded_length(29) == 29
+    before = [block.attn1.implementation for block in model.transformer_blocks]
+    for block in model.transformer_blocks:
+        block.attn1.implementation = "cudnn"
+    try:
+        assert model.padded_length(29) == 32 and model.padded_length(32) == 32
+    finally:
+        for block, impl in zip(model.transformer_blocks, before):
+            block.attn1.implementation = impl
+    monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "0")
+    wide = GlmImageDiT(DiTConfig.from_hf(dict(tiny_dit(seed=1, head_dim=128).config)), rngs=nnx.Rngs(0))
+    assert wide.padded_length(29) == 29                   # kernels off: no padding
+    monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "interpret")
+    assert wide.padded_length(29) == 32 and wide.padded_length(4096 + 256) == 4096 + 256

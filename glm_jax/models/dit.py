@@ -399,6 +399,15 @@ class GlmImageDiT(nnx.Module):
         self.norm_out = NormOut(cfg, **kw)
         self.proj_out = Dense(d, cfg.patch_size ** 2 * cfg.out_channels, axes=("embed", "latent"), **kw)
 
+    def padded_length(self, length: int) -> int:
+        """The rows the blocks run on for a joint stream of `length` tokens: the next multiple of 8 where the fused
+        GPU ops (`dit_ops.kernel_length`) need it, or where the attention is cuDNN's (its backward pass rejects
+        odd lengths), else `length`. The extra rows are masked out of the attention's keys and dropped."""
+        padded = kernel_length(length, self.cfg.inner_dim)
+        if any(block.attn1.implementation == "cudnn" for block in self.transformer_blocks):
+            padded = -(-padded // 8) * 8
+        return padded
+
     def __call__(self, latents_BHWC: jax.Array, glyph_BTD: jax.Array, prior_ids_BN: jax.Array,
                  prior_drop_BN: jax.Array, timestep_B: jax.Array, target_size_B2: jax.Array,
                  crop_coords_B2: jax.Array, *, kv_mode: str = "none", ref_kv: Any = None
@@ -434,10 +443,10 @@ class GlmImageDiT(nnx.Module):
         cos = jnp.concatenate([jnp.ones((t, cos.shape[1]), cos.dtype), cos])
         sin = jnp.concatenate([jnp.zeros((t, sin.shape[1]), sin.dtype), sin])
         x = jnp.concatenate([txt, img], axis=1)
-        # where the stream's length is not one the fused GPU ops tile, padding rows are appended (zeros, RoPE
-        # identity), masked out of the attention's keys and dropped below: no value or gradient changes
+        # padding rows (zeros, RoPE identity) masked out of the attention's keys and dropped below: no value or
+        # gradient changes (`padded_length`)
         length = x.shape[1]
-        padded = kernel_length(length, cfg.inner_dim)
+        padded = self.padded_length(length)
         n_valid = None
         if padded > length:
             extra = padded - length
