@@ -498,3 +498,39 @@ def test_dit_kernels_run_per_device_under_a_mesh(monkeypatch):
         have = dict(jax.tree_util.tree_leaves_with_path(got))[path]
         err = float(jnp.max(jnp.abs(have - want)) / jnp.max(jnp.abs(want)))
         assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+@needs8
+def test_dit_padded_stream_under_a_mesh(monkeypatch):
+    """A DiT whose stream the fused ops' kernels do not tile (3 glyph + 16 image tokens = 19, padded to 24) under
+    a mesh that splits the samples: the padding rows' key mask (`key_value_seq_lengths`, split like the samples)
+    and the per-device kernels give the one-device plain-JAX output and gradients (kernels interpreted)."""
+    from glm_jax.models.dit import DiTConfig, GlmImageDiT
+    hf = dict(tiny_dit_config(), num_layers=1, attention_head_dim=128)
+    model = GlmImageDiT(DiTConfig.from_hf(hf), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    b, r = 8, np.random.default_rng(0)
+    lat = jnp.asarray(r.standard_normal((b, 8, 8, 16)), jnp.float32)
+    args = (jnp.asarray(r.standard_normal((b, 3, hf["text_embed_dim"])), jnp.float32),
+            jnp.asarray(r.integers(0, hf["prior_vq_quantizer_codebook_size"], (b, 16)), jnp.int32),
+            jnp.zeros((b, 16), bool), jnp.asarray(r.uniform(0, 999, b), jnp.float32),
+            jnp.full((b, 2), 64.0, jnp.float32), jnp.zeros((b, 2), jnp.float32))
+    cot = jnp.asarray(r.standard_normal(lat.shape), jnp.float32)
+
+    def loss(params, lat, args):
+        return jnp.vdot(nnx.merge(graphdef, params)(lat, *args)[0], cot)
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "0")
+    assert model.padded_length(19) == 19
+    ref = jax.jit(grad)(params, lat, args)
+
+    monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "interpret")
+    mesh = S.make_mesh({"data": 2, "fsdp": 4})
+    split = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    with jax.set_mesh(mesh):
+        assert model.padded_length(19) == 24
+        got = jax.jit(grad)(params, split(lat), jax.tree.map(split, args))
+    for path, want in jax.tree_util.tree_leaves_with_path(ref):
+        have = dict(jax.tree_util.tree_leaves_with_path(got))[path]
+        err = float(jnp.max(jnp.abs(have - want)) / jnp.max(jnp.abs(want)))
+        assert err < 1e-5, (jax.tree_util.keystr(path), err)

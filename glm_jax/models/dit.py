@@ -308,7 +308,8 @@ class Attention(nnx.Module):
             n_keys = None if n_valid is None else k_ref.shape[1] + n_valid
         # under a mesh: q / k / v split by samples (and heads over `tensor`), as cuDNN's partitioner requires
         q, k, v = (constrain(x, QKV_AXES) for x in (q, k, v))
-        kv_len = None if n_keys is None else jnp.full((b,), n_keys, jnp.int32)
+        # split by samples like q / k / v: cuDNN's partitioner hands each device its share of every operand
+        kv_len = None if n_keys is None else constrain(jnp.full((b,), n_keys, jnp.int32), QKV_AXES[:1])
         o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, key_value_seq_lengths=kv_len,
                                          implementation=self.implementation)
         return self.to_out(o.astype(q.dtype).reshape(b, length, self.heads * self.head_dim), bias=out_bias), stored
