@@ -322,3 +322,17 @@ def test_compile_cache_is_written_and_reused_by_a_new_process(tmp_path):
         outs.append(int(p.stdout.split("HITS")[-1]))
     assert outs[0] == 0 and outs[1] > 0, outs
     assert len(os.listdir(cache)) > 0
+
+
+def test_cudnn_parity_pad_makes_the_ar_update_sequence_even():
+    """Under cuDNN attention the prompts get at most one extra (masked) pad token so that the AR update's
+    teacher-forced sequence (prompt + generated - 2 tokens, `score_tokens`) is even, as cuDNN's masked
+    backward pass requires; with any other attention nothing is added."""
+    from glm_jax.sampling.ar_sampler import ArLayout
+    from glm_jax.train import cudnn_parity_pad
+    for mode, (h, w) in (("t2i", (64, 64)), ("t2i", (64, 96)), ("i2i", (96, 64))):
+        n = (ArLayout.t2i(h, w) if mode == "t2i" else ArLayout.i2i(h, w)).n_tokens
+        pads = [cudnn_parity_pad("cudnn", mode, length, h, w) for length in range(40, 46)]
+        assert all((length + p + n - 2) % 2 == 0 for length, p in zip(range(40, 46), pads))
+        assert set(pads) == {0, 1}
+        assert all(cudnn_parity_pad(a, mode, length, h, w) == 0 for a in ("", "xla") for length in range(40, 46))
