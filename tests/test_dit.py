@@ -305,16 +305,10 @@ def test_block_remat_keeps_loss_and_gradients(models, policy, lora):
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(ref_g)) > 0
 
 
-@pytest.mark.parametrize("t", [5, 0])
-def test_gradients_match_diffusers(models, t):
-    """The backward pass (the training signal) equals torch autograd's: gradients of `<out, cotangent>` with
-    respect to every parameter and to the latents, fp32. Covers the hand-written backward passes of the FF GELU
-    and the qk LayerNorm + RoPE, the per-stream modulation of the joint text + image stream and its reduction."""
-    from conversion.table import find_torch
-    torch_model, model = models
-    x = make_inputs(40 + t, 2, 8, 12, t, "mixed")
-    cot = np.random.default_rng(1).standard_normal((2, 8, 12, 16)).astype(np.float32)
-
+def gradients_vs_torch(torch_model, model, x: dict, cot: np.ndarray, *, check_jaxpr=None):
+    """Gradients of `<out, cotangent>` w.r.t. every parameter and the latents: torch autograd's
+    (`{torch key: grad}`, latents NCHW) and ours (`{our path: grad}`, latents NHWC). `check_jaxpr(jaxpr_text)`
+    may inspect our traced gradient first."""
     torch_model.zero_grad(set_to_none=True)
     lat = torch.from_numpy(x["latents"]).requires_grad_(True)
     out = torch_model(hidden_states=lat, encoder_hidden_states=torch.from_numpy(x["glyph"]),
@@ -330,9 +324,25 @@ def test_gradients_match_diffusers(models, t):
 
     def f(params, latents):
         return jnp.vdot(nnx.merge(graphdef, params)(latents, *args)[0], jnp.asarray(cot))
-    g_params, g_lat = jax.jit(jax.grad(f, argnums=(0, 1)))(params, jnp.asarray(x["latents"].transpose(0, 2, 3, 1)))
+    j_lat = jnp.asarray(x["latents"].transpose(0, 2, 3, 1))
+    if check_jaxpr is not None:
+        check_jaxpr(str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(params, j_lat)))
+    g_params, g_lat = jax.jit(jax.grad(f, argnums=(0, 1)))(params, j_lat)
     got = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g_params)}
-    assert rel_err(np.asarray(g_lat), lat.grad.numpy().transpose(0, 2, 3, 1)) < TOL
+    return want, lat.grad.numpy().transpose(0, 2, 3, 1), got, np.asarray(g_lat)
+
+
+@pytest.mark.parametrize("t", [5, 0])
+def test_gradients_match_diffusers(models, t):
+    """The backward pass (the training signal) equals torch autograd's: gradients of `<out, cotangent>` with
+    respect to every parameter and to the latents, fp32. Covers the hand-written backward passes of the FF GELU
+    and the qk LayerNorm + RoPE, the per-stream modulation of the joint text + image stream and its reduction."""
+    from conversion.table import find_torch
+    torch_model, model = models
+    x = make_inputs(40 + t, 2, 8, 12, t, "mixed")
+    cot = np.random.default_rng(1).standard_normal((2, 8, 12, 16)).astype(np.float32)
+    want, want_lat, got, g_lat = gradients_vs_torch(torch_model, model, x, cot)
+    assert rel_err(g_lat, want_lat) < TOL
     checked = 0
     for key, g in want.items():
         path, rule = find_torch(RULES, key)
@@ -362,25 +372,10 @@ def test_kernels_with_padded_stream_match_diffusers(monkeypatch):
 
     x = make_inputs(50, 2, 8, 12, 5, "mixed")
     cot = np.random.default_rng(2).standard_normal((2, 8, 12, 16)).astype(np.float32)
-    lat = torch.from_numpy(x["latents"]).requires_grad_(True)
-    out = torch_model(hidden_states=lat, encoder_hidden_states=torch.from_numpy(x["glyph"]),
-                      prior_token_id=torch.from_numpy(x["ids"]), prior_token_drop=torch.from_numpy(x["drop"]),
-                      timestep=torch.from_numpy(x["timestep"]), target_size=torch.from_numpy(x["size"]),
-                      crop_coords=torch.from_numpy(x["crop"]), return_dict=False)[0]
-    (out * torch.from_numpy(cot.transpose(0, 3, 1, 2))).sum().backward()
-    want = {k: p.grad.numpy() for k, p in torch_model.named_parameters() if p.grad is not None}
-
-    graphdef, params = nnx.split(model, nnx.Param)
-    args = (jnp.asarray(x["glyph"]), jnp.asarray(x["ids"]), jnp.asarray(x["drop"]), jnp.asarray(x["timestep"]),
-            jnp.asarray(x["size"]), jnp.asarray(x["crop"]))
-
-    def f(params, latents):
-        return jnp.vdot(nnx.merge(graphdef, params)(latents, *args)[0], jnp.asarray(cot))
-    j_lat = jnp.asarray(x["latents"].transpose(0, 2, 3, 1))
-    assert "pallas_call" in str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(params, j_lat))
-    g_params, g_lat = jax.jit(jax.grad(f, argnums=(0, 1)))(params, j_lat)
-    assert rel_err(np.asarray(g_lat), lat.grad.numpy().transpose(0, 2, 3, 1)) < TOL
-    got = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g_params)}
+    jaxprs = []
+    want, want_lat, got, g_lat = gradients_vs_torch(torch_model, model, x, cot, check_jaxpr=jaxprs.append)
+    assert "pallas_call" in jaxprs[0]
+    assert rel_err(g_lat, want_lat) < TOL
     for key, g in want.items():
         path, rule = find_torch(RULES, key)
         ours = got[path].T if rule.transform == "linear" else got[path]
