@@ -99,8 +99,7 @@ def main():
     grad = make_grad()
 
     if a.variants:
-        a.layers = cfg.num_layers
-        res["variants"] = run_variants(a, make_grad, (state, lat, args, cot), flops)
+        res["variants"] = run_variants(a, make_grad, (state, lat, args, cot), flops, cfg.num_layers - 1)
         write_result(f"dit_train_probe_{a.tag}", res)
         return
     t0 = time.time()
@@ -137,7 +136,7 @@ def _compared(path: str, last: int) -> bool:
     return "transformer_blocks" not in path or any(f"['transformer_blocks'][{i}]" in path for i in (0, last))
 
 
-def run_variants(a, make_grad, inputs, flops) -> dict:
+def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
     """Each variant compiled with its environment, then all timed round-robin (`--iters` steps each per round):
     card clock and temperature drift then affect every variant alike."""
     compiled, out, reference = {}, {}, None
@@ -151,8 +150,8 @@ def run_variants(a, make_grad, inputs, flops) -> dict:
         grads = compiled[name](*inputs)
         jax_sync(grads)
         if a.compare:
-            picked = {jax.tree_util.keystr(p): np.asarray(g, np.float32)
-                      for p, g in jax.tree_util.tree_leaves_with_path(grads) if _compared(jax.tree_util.keystr(p), a.layers - 1)}
+            leaves = ((jax.tree_util.keystr(p), g) for p, g in jax.tree_util.tree_leaves_with_path(grads))
+            picked = {k: np.asarray(g, np.float32) for k, g in leaves if _compared(k, last_block)}
             if reference is None:
                 reference = picked
             else:

@@ -134,13 +134,14 @@ def pad_prompts(arp, length: int, pad_id: int):
 
 
 def cudnn_parity_pad(attention: str, mode: str, prompt_len: int, height: int, width: int) -> int:
-    """Extra (masked) prompt padding so that the AR's teacher-forced update (prompt + generated tokens - 2)
-    has an even length under cuDNN attention, whose masked backward pass rejects odd lengths: 0 or 1."""
-    from glm_jax.sampling.ar_sampler import ArLayout
+    """Extra (masked) prompt padding so that the AR's teacher-forced update (`score_tokens`: the prompt plus
+    `fed_back_tokens` generated ones) has an even length under cuDNN attention, whose masked backward pass rejects
+    odd lengths: 0 or 1."""
+    from glm_jax.sampling.ar_sampler import ArLayout, fed_back_tokens
     if attention != "cudnn":
         return 0
     layout = ArLayout.i2i(height, width) if mode == "i2i" else ArLayout.t2i(height, width)
-    return (prompt_len + layout.n_tokens - 2) % 2
+    return (prompt_len + fed_back_tokens(layout.n_tokens)) % 2
 
 
 def pad_glyph(glyph, length: int):

@@ -84,6 +84,17 @@ def reference_inputs(seed: int, h: int, w: int) -> dict[str, np.ndarray]:
     return x
 
 
+def write_reference(torch_model, model, ref: dict):
+    """The reference K/V of `ref` written by both models: diffusers' cache (left in write mode, advanced to the
+    next sample) and ours (a list over layers)."""
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+    cache = GlmImageKVCache(num_layers=torch_model.config.num_layers)
+    cache.set_mode("write")
+    run_torch(torch_model, ref, cache)
+    cache.next_sample()
+    return cache, run_jax(model, ref, kv_mode="write")[1]
+
+
 @pytest.mark.parametrize("t,drop", [(5, "mixed"), (0, "all"), (3, "none")])
 def test_forward_matches_diffusers(models, t, drop):
     torch_model, model = models
@@ -106,14 +117,8 @@ def test_prior_drop_changes_output(models):
 def test_reference_kv_write_then_read(models):
     """One reference (non-square, different size from the target) written once, broadcast over batch 2."""
     torch_model, model = models
-    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
-
     ref = reference_inputs(20, 12, 8)
-    cache = GlmImageKVCache(num_layers=torch_model.config.num_layers)
-    cache.set_mode("write")
-    run_torch(torch_model, ref, cache)
-    cache.next_sample()
-    _, kv = run_jax(model, ref, kv_mode="write")
+    cache, kv = write_reference(torch_model, model, ref)
     assert len(kv) == torch_model.config.num_layers
     for i, (k, v) in enumerate(kv):
         assert k.shape == (1, 24, 2, 16)
@@ -360,8 +365,6 @@ def test_kernels_with_padded_stream_match_diffusers(monkeypatch):
     and dropped, and the output, every parameter gradient and the reference K/V written and read all equal
     diffusers'."""
     from conversion.table import find_torch
-    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
-
     from glm_jax.models import dit_ops
     monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "interpret")
     torch_model = tiny_dit(seed=5, head_dim=128)
@@ -382,12 +385,7 @@ def test_kernels_with_padded_stream_match_diffusers(monkeypatch):
         assert rel_err(ours, g) < TOL, (key, rel_err(ours, g))
 
     # the reference K/V: written with glyph length 0 (24 image tokens, a multiple of 8) and read by a padded stream
-    ref = reference_inputs(51, 12, 8)
-    cache = GlmImageKVCache(num_layers=torch_model.config.num_layers)
-    cache.set_mode("write")
-    run_torch(torch_model, ref, cache)
-    cache.next_sample()
-    _, kv = run_jax(model, ref, kv_mode="write")
+    cache, kv = write_reference(torch_model, model, reference_inputs(51, 12, 8))
     xr = make_inputs(52, 2, 8, 12, 5, "none")
     _, kv_padded = run_jax(model, dict(xr, drop=np.ones_like(xr["drop"])), kv_mode="write")
     assert kv_padded[0][0].shape == (2, 24, 2, 128)          # image tokens only, no padding rows

@@ -56,7 +56,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm_jax.models.dit_ops import bias_gelu, gated_residual, kernel_length, modulate_split, qk_norm_rope
+from glm_jax.models.dit_ops import (
+    bias_gelu,
+    gated_residual,
+    kernel_length,
+    modulate_split,
+    qk_norm_rope,
+    round_rows,
+)
 from glm_jax.models.layers import Dense, DType, layer_norm, param
 from glm_jax.models.remat import check_policy, layer_call
 from glm_jax.sharding import constrain
@@ -401,13 +408,13 @@ class GlmImageDiT(nnx.Module):
         self.proj_out = Dense(d, cfg.patch_size ** 2 * cfg.out_channels, axes=("embed", "latent"), **kw)
 
     def padded_length(self, length: int) -> int:
-        """The rows the blocks run on for a joint stream of `length` tokens: the next multiple of 8 where the fused
-        GPU ops (`dit_ops.kernel_length`) need it, or where the attention is cuDNN's (its backward pass rejects
-        odd lengths), else `length`. The extra rows are masked out of the attention's keys and dropped."""
-        padded = kernel_length(length, self.cfg.inner_dim)
+        """The rows the blocks run on for a joint stream of `length` tokens: `dit_ops.round_rows(length)` (the next
+        multiple of 8) where the fused GPU ops need it (`dit_ops.kernel_length`) or where the attention is cuDNN's
+        (its backward pass rejects odd lengths), else `length`. The extra rows are masked out of the attention's
+        keys and dropped."""
         if any(block.attn1.implementation == "cudnn" for block in self.transformer_blocks):
-            padded = -(-padded // 8) * 8
-        return padded
+            return round_rows(length)
+        return kernel_length(length, self.cfg.inner_dim)
 
     def __call__(self, latents_BHWC: jax.Array, glyph_BTD: jax.Array, prior_ids_BN: jax.Array,
                  prior_drop_BN: jax.Array, timestep_B: jax.Array, target_size_B2: jax.Array,

@@ -125,13 +125,21 @@ def _use_kernels(length: int, d: int, bc: int = 128) -> bool:
     return _kernels_on() and _block_rows(length, d, bc) is not None
 
 
+ROW_MULTIPLE = _ROWS[-1]   # the kernels tile a sequence whose positions per sample are a multiple of this
+
+
+def round_rows(length: int) -> int:
+    """`length` rounded up to a multiple of `ROW_MULTIPLE`."""
+    return -(-length // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
 def kernel_length(length: int, d: int) -> int:
     """The sequence length (positions per sample) to pad a `[B, length, d]` stream to so that the ops run their
-    kernels: `length` where they already do, or where the kernels are off or do not tile `d`; else the next
-    multiple of 8. `GlmImageDiT` appends that many rows and masks them out of the attention's keys."""
+    kernels: `length` where they already do, or where the kernels are off or do not tile `d`; else
+    `round_rows(length)`. `GlmImageDiT` appends that many rows and masks them out of the attention's keys."""
     if not _kernels_on() or _use_kernels(length, d, _mod_bc()):
         return length
-    padded = -(-length // _ROWS[-1]) * _ROWS[-1]
+    padded = round_rows(length)
     return padded if _use_kernels(padded, d, _mod_bc()) else length
 
 

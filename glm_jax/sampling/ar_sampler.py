@@ -378,6 +378,12 @@ def _chunked_token_scores(model, hidden_BMD: jax.Array, tokens_BM: jax.Array, va
     return unchunk(lp), unchunk(lq)
 
 
+def fed_back_tokens(n_tokens: int) -> int:
+    """Generated tokens that `score_tokens` feeds back into its teacher-forced forward (all but the last two: the
+    EOS slot scores 0 and the token before it is only predicted). That forward runs on prompt + this many."""
+    return n_tokens - 2
+
+
 def score_tokens(model, input_ids_BL: jax.Array, attention_mask_BL: jax.Array, position_ids_3BL: jax.Array,
                  decode_positions_3BN: jax.Array, tokens_BN: jax.Array, params: SamplingParams = SamplingParams(),
                  *, n_codes: int, eos_id: int, chunk: int = 128) -> TokenScores:
@@ -389,10 +395,11 @@ def score_tokens(model, input_ids_BL: jax.Array, attention_mask_BL: jax.Array, p
     _check_ids(vocab, n_codes, eos_id)
     b, length = input_ids_BL.shape
     n_tok = tokens_BN.shape[1]
+    n_in = fed_back_tokens(n_tok)
     tokens_BN = tokens_BN.astype(jnp.int32)
-    ids = jnp.concatenate([input_ids_BL.astype(jnp.int32), tokens_BN[:, :n_tok - 2]], axis=1)
-    pos = jnp.concatenate([position_ids_3BL, decode_positions_3BN[:, :, :n_tok - 2]], axis=2).astype(jnp.int32)
-    mask = jnp.concatenate([attention_mask_BL.astype(bool), jnp.ones((b, n_tok - 2), bool)], axis=1)
+    ids = jnp.concatenate([input_ids_BL.astype(jnp.int32), tokens_BN[:, :n_in]], axis=1)
+    pos = jnp.concatenate([position_ids_3BL, decode_positions_3BN[:, :, :n_in]], axis=2).astype(jnp.int32)
+    mask = jnp.concatenate([attention_mask_BL.astype(bool), jnp.ones((b, n_in), bool)], axis=1)
     hidden = model.hidden_states(ids, pos, mask)[:, length - 1:]  # predicts tokens 0..N-2
     lp, lq = _chunked_token_scores(model, hidden, tokens_BN[:, :n_tok - 1],
                                    slot_valid_mask(vocab, n_codes, eos_id), params, chunk)
