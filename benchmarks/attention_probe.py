@@ -2,9 +2,12 @@
 (`jax.nn.dot_product_attention(implementation="cudnn")`, what the model uses) against JAX's experimental Mosaic GPU
 kernel (`jax.experimental.pallas.ops.gpu.attention_mgpu`, in float16) with a few tilings, forward and forward + backward.
 
-    python -m benchmarks.attention_probe
+    python -m benchmarks.attention_probe [--padding N]
 
 Outputs and gradients of each variant are compared with cuDNN's. Writes `$OUT/attention_probe.json`.
+`--padding N` times cuDNN alone with the last N keys masked out (`key_value_seq_lengths`, as the DiT does for a
+stream padded to a multiple of 8 rows), and with the queries' lengths given too, against no mask
+(`$OUT/attention_probe_padding.json`; the masked calls differ from the unmasked one by design).
 """
 
 from __future__ import annotations
@@ -28,12 +31,26 @@ def _mgpu(M, cfg, q, k, v):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--padding", type=int, default=0)
+    a = ap.parse_args()
     res = {"device": device_info(), "shape": [B, L, H, D]}
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, cot = (jax.random.normal(kk, (B, L, H, D), jnp.bfloat16) for kk in keys)
     fwd_flop = 4 * B * L * L * H * D
 
     def variants():
+        if a.padding:
+            full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=D ** -0.5, implementation="cudnn")
+            n = jnp.full((B,), L - a.padding, jnp.int32)
+            yield "cudnn", full
+            yield "cudnn_kv_lengths", lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, scale=D ** -0.5, key_value_seq_lengths=n, implementation="cudnn")
+            yield "cudnn_q_kv_lengths", lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, scale=D ** -0.5, query_seq_lengths=n, key_value_seq_lengths=n, implementation="cudnn")
+            yield "cudnn_again", full
+            return
         yield "cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=D ** -0.5, implementation="cudnn")
         from jax.experimental.pallas.ops.gpu import attention_mgpu as M
         for bkv in (128, 64):
@@ -68,7 +85,7 @@ def main():
         except Exception as e:  # keep the other variants
             res[name] = {"error": repr(e)[:300]}
             print(name, "failed:", repr(e)[:300], flush=True)
-    write_result("attention_probe", res)
+    write_result("attention_probe_padding" if a.padding else "attention_probe", res)
 
 
 if __name__ == "__main__":

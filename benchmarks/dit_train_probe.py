@@ -52,7 +52,8 @@ def main():
     ap.add_argument("--hlo", action="store_true", help="write the optimised HLO (gzip) to $OUT, to name fusions")
     ap.add_argument("--variants", default="",
                     help="'NAME:VAR=V,VAR=V;NAME:...': compile the step once per set of environment variables "
-                         "(read while tracing) and time them interleaved in --rounds rounds, in one process")
+                         "(read while tracing; names starting with xla_ are passed to the compiler as XLA options "
+                         "instead) and time them interleaved in --rounds rounds, in one process")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--glyph", type=int, default=None, help="glyph tokens (default 256; e.g. 251 for a stream "
                     "length the DiT pads for its GPU kernels)")
@@ -104,6 +105,11 @@ def main():
         return
     t0 = time.time()
     compiled = grad.lower(state, lat, args, cot).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        res["memory_gib"] = {k: getattr(mem, f"{k}_size_in_bytes") / 2 ** 30
+                             for k in ("argument", "output", "temp", "generated_code")}
+        log("compiled: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in res["memory_gib"].items()))
     if a.hlo:
         import gzip
         with gzip.open(os.path.join(os.environ.get("OUT", "out"), f"dit_train_probe_{a.tag}.hlo.gz"), "wt") as f:
@@ -136,17 +142,26 @@ def _compared(path: str, last: int) -> bool:
     return "transformer_blocks" not in path or any(f"['transformer_blocks'][{i}]" in path for i in (0, last))
 
 
+def _option(v: str):
+    """A `--variants` XLA option's value: booleans and integers as such, anything else as the string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return int(v) if v.lstrip("-").isdigit() else v
+
+
 def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
     """Each variant compiled with its environment, then all timed round-robin (`--iters` steps each per round):
     card clock and temperature drift then affect every variant alike."""
     compiled, out, reference = {}, {}, None
     for spec in a.variants.split(";"):
         name, _, env = spec.partition(":")
-        pairs = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+        settings = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+        options = {k: _option(v) for k, v in settings.items() if k.startswith("xla_")}
+        pairs = {k: v for k, v in settings.items() if k not in options}
         saved = {k: os.environ.get(k) for k in pairs}
         os.environ.update(pairs)
         t0 = time.time()
-        compiled[name] = make_grad().lower(*inputs).compile()
+        compiled[name] = make_grad().lower(*inputs).compile(compiler_options=options or None)
         grads = compiled[name](*inputs)
         jax_sync(grads)
         if a.compare:
@@ -171,7 +186,7 @@ def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        out[name] = {"env": pairs, "compile_s": time.time() - t0, "median_s": []}
+        out[name] = {"env": pairs, "compiler_options": options, "compile_s": time.time() - t0, "median_s": []}
         log(f"compiled {name} ({pairs}) in {out[name]['compile_s']:.0f}s")
     for r in range(a.rounds):
         for name, fn in compiled.items():

@@ -57,11 +57,18 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _select(v_B2D: jax.Array, t: int, length: int) -> jax.Array:
-    """`[B, L, D]` view of per-stream vectors `[B, 2, D]`: row 0 at the first `t` positions, row 1 elsewhere (a
-    concatenation of broadcasts, which XLA fuses into the consumer)."""
-    b, _, d = v_B2D.shape
-    return jnp.concatenate([jnp.broadcast_to(v_B2D[:, :1], (b, t, d)),
-                            jnp.broadcast_to(v_B2D[:, 1:], (b, length - t, d))], axis=1)
+    """`[B, L, D]` view of per-stream vectors `[B, 2, D]`: row 0 at the first `t` positions, row 1 elsewhere.
+
+    An elementwise choice on the position (`where(position < t, ...)`), which XLA fuses into its consumer. A
+    concatenation of two broadcasts was as fast at `t = 256` but not at `t = 251`, where XLA ran the gated
+    residual 2.5x slower and wrote the modulation backward's float32 product out before its row statistics
+    (the real-size DiT step 3.5% slower, see benchmarks/RESULTS.md "Any glyph length")."""
+    return jnp.where(_text_rows(t, length), v_B2D[:, :1], v_B2D[:, 1:])
+
+
+def _text_rows(t: int, length: int) -> jax.Array:
+    """`[1, L, 1]`: True at the first `t` positions (the text stream)."""
+    return (jnp.arange(length) < t)[None, :, None]
 
 
 def _block_rows(length: int, d: int, bc: int = 128, most: int = 32) -> int | None:
@@ -491,9 +498,15 @@ def _modulate_bwd(t, res, cts):
     du, g = cts
     sp = 1 + scale.astype(jnp.float32)
     h = (x.astype(jnp.float32) - mean) * rstd
-    dh = du.astype(jnp.float32) * _select(sp, t, x.shape[1])
-    # the row statistics of the LayerNorm backward (an XLA row reduction); the rest is one kernel pass
-    stats = jnp.concatenate([mean, rstd, jnp.mean(dh, -1, keepdims=True), jnp.mean(dh * h, -1, keepdims=True)], -1)
+    # the row statistics of the LayerNorm backward, mean(dh) and mean(dh * h) with dh = du * (1 + scale_s) (an
+    # XLA row reduction; the rest is one kernel pass). Each row is reduced against both streams' (1 + scale) and
+    # the sums picked per row afterwards, so that the reduction's input does not depend on `t` (`_select`); it is
+    # memory-bound, the extra products are free.
+    du32 = du.astype(jnp.float32)
+    txt = _text_rows(t, x.shape[1])
+    a, c = (jnp.where(txt, jnp.mean(v * sp[:, :1], -1, keepdims=True), jnp.mean(v * sp[:, 1:], -1, keepdims=True))
+            for v in (du32, du32 * h))
+    stats = jnp.concatenate([mean, rstd, a, c], -1)
     dx, dshift, dscale = _per_device(lambda *a: modulate_backward_kernel(*a, t), (du, x, g, stats, sp),
                                      (True,) * 5, ("batch",) * 3)
     return dx, dshift.astype(shift.dtype), dscale.astype(scale.dtype)
