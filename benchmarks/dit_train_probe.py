@@ -10,7 +10,8 @@ variants (XLA flags, remat policies) fit in one GPU call. `--profile` adds a `ja
 summarised by kernel and by category (`benchmarks.trace_summary`), and the last step's kernels in launch order
 (`$OUT/dit_train_probe_<tag>_ops.tsv`: XLA instruction, kernel, microseconds; the instruction is recorded with
 `XLA_FLAGS=--xla_gpu_enable_command_buffer=`). `--variants` compiles the step once per set of environment
-variables and times them round-robin in one process (an A/B on one card with the drift shared); `--hlo-count
+variables (and of XLA options: names starting with `xla_`, e.g. `lt:xla_gpu_enable_cublaslt=true`) and times
+them round-robin in one process (an A/B on one card with the drift shared); `--hlo-count
 WORD` logs how often WORD occurs in each variant's optimised HLO (e.g. whether a matmul epilogue took an op);
 `--compare` checks each variant's gradients against the first's. `--glyph N` sets the glyph tokens (256).
 Writes `$OUT/dit_train_probe_<tag>.json`.
