@@ -13,6 +13,7 @@ stream padded to a multiple of 8 rows), and with the queries' lengths given too,
 from __future__ import annotations
 
 import os
+from functools import partial
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -40,18 +41,17 @@ def main():
     q, k, v, cot = (jax.random.normal(kk, (B, L, H, D), jnp.bfloat16) for kk in keys)
     fwd_flop = 4 * B * L * L * H * D
 
+    cudnn = partial(jax.nn.dot_product_attention, scale=D ** -0.5, implementation="cudnn")
+
     def variants():
         if a.padding:
-            full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=D ** -0.5, implementation="cudnn")
             n = jnp.full((B,), L - a.padding, jnp.int32)
-            yield "cudnn", full
-            yield "cudnn_kv_lengths", lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, scale=D ** -0.5, key_value_seq_lengths=n, implementation="cudnn")
-            yield "cudnn_q_kv_lengths", lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, scale=D ** -0.5, query_seq_lengths=n, key_value_seq_lengths=n, implementation="cudnn")
-            yield "cudnn_again", full
+            yield "cudnn", cudnn
+            yield "cudnn_kv_lengths", partial(cudnn, key_value_seq_lengths=n)
+            yield "cudnn_q_kv_lengths", partial(cudnn, query_seq_lengths=n, key_value_seq_lengths=n)
+            yield "cudnn_again", cudnn
             return
-        yield "cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=D ** -0.5, implementation="cudnn")
+        yield "cudnn", cudnn
         from jax.experimental.pallas.ops.gpu import attention_mgpu as M
         for bkv in (128, 64):
             for bwd in ((64, 64, 64, 64), (64, 128, 128, 64)):

@@ -106,11 +106,8 @@ def main():
         return
     t0 = time.time()
     compiled = grad.lower(state, lat, args, cot).compile()
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        res["memory_gib"] = {k: getattr(mem, f"{k}_size_in_bytes") / 2 ** 30
-                             for k in ("argument", "output", "temp", "generated_code")}
-        log("compiled: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in res["memory_gib"].items()))
+    res["memory_gib"] = _memory_gib(compiled)
+    log("compiled: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in res["memory_gib"].items()))
     if a.hlo:
         import gzip
         with gzip.open(os.path.join(os.environ.get("OUT", "out"), f"dit_train_probe_{a.tag}.hlo.gz"), "wt") as f:
@@ -136,6 +133,13 @@ def main():
         with open(os.path.join(os.environ.get("OUT", "out"), f"dit_train_probe_{a.tag}_ops.tsv"), "w") as f:
             f.writelines(f"{op}\t{k}\t{d:.1f}\n" for op, k, d in op_sequence(tdir))
     write_result(f"dit_train_probe_{a.tag}", res)
+
+
+def _memory_gib(compiled) -> dict:
+    """The compiled step's argument / output / temporary / code memory in GiB (zeros where XLA reports none)."""
+    mem = compiled.memory_analysis()
+    return {k: (getattr(mem, f"{k}_size_in_bytes") if mem is not None else 0) / 2 ** 30
+            for k in ("argument", "output", "temp", "generated_code")}
 
 
 def _compared(path: str, last: int) -> bool:
@@ -170,11 +174,10 @@ def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        mem = compiled[name].memory_analysis()
-        temp[name] = mem.temp_size_in_bytes if mem is not None else 0
+        temp[name] = _memory_gib(compiled[name])["temp"]
         out[name] = {"env": pairs, "compiler_options": options, "compile_s": time.time() - t0,
-                     "temp_gib": temp[name] / 2 ** 30, "median_s": []}
-        log(f"compiled {name} ({settings}) in {out[name]['compile_s']:.0f}s, temporary {temp[name] / 2 ** 30:.2f} GiB")
+                     "temp_gib": temp[name], "median_s": []}
+        log(f"compiled {name} ({settings}) in {out[name]['compile_s']:.0f}s, temporary {temp[name]:.2f} GiB")
         if a.hlo_count:
             out.setdefault("_hlo_count", {})[name] = compiled[name].as_text().count(a.hlo_count)
             log(f"{name}: {out['_hlo_count'][name]} x {a.hlo_count!r} in the optimised HLO")
@@ -186,8 +189,8 @@ def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
             leaves = ((jax.tree_util.keystr(p), g) for p, g in jax.tree_util.tree_leaves_with_path(grads))
             picked[name] = {k: np.asarray(g, np.float32) for k, g in leaves if _compared(k, last_block)}
         del grads
-    first = next(iter(compiled))
-    for name in [n for n in compiled if n != first] if a.compare else []:
+    first, *others = compiled
+    for name in others if a.compare else ():
         reference = picked[first]
         errs = {k: float(np.max(np.abs(v - reference[k])) / max(np.max(np.abs(reference[k])), 1e-30))
                 for k, v in picked[name].items()}
