@@ -1,5 +1,6 @@
-"""The Mosaic GPU matmul (`glm_jax.models.ff_gemm.gemm`) against XLA's cuBLAS call for every matmul of the DiT
-block's training step, in the operand layouts the step uses.
+"""A Mosaic GPU matmul (`benchmarks/mosaic_gemm.py`) against XLA's cuBLAS call for every matmul of the DiT
+block's training step, in the operand layouts the step uses. Isolated timings: inside the step the kernel did
+not beat cuBLAS where it does here (RESULTS.md).
 
     python -m benchmarks.mgpu_matmul_probe [--widths 4,8] [--roles fwd,dgrad,wgrad]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import jax
@@ -21,14 +23,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import device_info
-from benchmarks.ff_gemm_probe import per_call
-from glm_jax.models import ff_gemm
+from benchmarks.mosaic_gemm import gemm, supported
 
 T, D, F = 4352, 4096, 16384
 
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def per_call(fn, *args, calls=30, runs=5):
+    """Seconds per call of `fn(*args)`, `calls` issued back to back (dispatch overlaps the previous call),
+    median of `runs`."""
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        out.append((time.perf_counter() - t0) / calls)
+    return statistics.median(out)
 
 
 def cases():
@@ -65,14 +80,14 @@ def main():
         t_ref = per_call(ref_fn, a, b)
         row = {"cublas_us": t_ref * 1e6, "cublas_tflops": flop / t_ref / 1e12}
         log(f"{key}: cuBLAS {t_ref*1e6:.1f} us ({flop/t_ref/1e12:.0f} TF/s)")
-        if not ff_gemm.supported(m, n, k, a.dtype):
+        if not supported(m, n, k, a.dtype):
             log(f"  {key}: not tiled by the Mosaic kernel")
             res["cases"][key] = row
             continue
         refn = np.asarray(ref, np.float32)
         for w in [int(x) for x in args.widths.split(",")]:
             try:
-                fn = jax.jit(lambda a, b, a_t=a_t, b_t=b_t, w=w: ff_gemm.gemm(a, b, a_t=a_t, b_t=b_t, width=w))
+                fn = jax.jit(lambda a, b, a_t=a_t, b_t=b_t, w=w: gemm(a, b, a_t=a_t, b_t=b_t, width=w))
                 out = np.asarray(fn(a, b), np.float32)
                 err = float(np.max(np.abs(out - refn)) / np.max(np.abs(refn)))
                 t = per_call(fn, a, b)
