@@ -35,7 +35,11 @@ def main():
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--padding", type=int, default=0)
+    ap.add_argument("--layouts", action="store_true", help="cuDNN on [B, T, N, H] inputs (the model's) against "
+                    "[B, N, T, H] ones, each timed over 30 calls issued back to back")
     a = ap.parse_args()
+    if a.layouts:
+        return layouts()
     res = {"device": device_info(), "shape": [B, L, H, D]}
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, cot = (jax.random.normal(kk, (B, L, H, D), jnp.bfloat16) for kk in keys)
@@ -86,6 +90,44 @@ def main():
             res[name] = {"error": repr(e)[:300]}
             print(name, "failed:", repr(e)[:300], flush=True)
     write_result("attention_probe_padding" if a.padding else "attention_probe", res)
+
+
+def layouts():
+    """cuDNN's attention with the heads axis before or after the tokens axis (the inputs already laid out so), time
+    per call over 30 calls issued back to back (median of 5), forward and forward + backward."""
+    import statistics
+    import time
+
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+    res = {"device": device_info(), "shape": [B, L, H, D]}
+    keys = jax.random.split(jax.random.key(0), 4)
+    btnh = [jax.random.normal(kk, (B, L, H, D), jnp.bfloat16) for kk in keys]
+    bnth = [jnp.swapaxes(x, 1, 2) for x in btnh]
+
+    def per_call(fn, *args):
+        jax_sync(fn(*args))
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(30):
+                out = fn(*args)
+            jax_sync(out)
+            runs.append((time.perf_counter() - t0) / 30)
+        return statistics.median(runs)
+
+    outs = {}
+    for name, layout, (q, k, v, cot) in (("BTNH", "BTNH", btnh), ("BNTH", "BNTH", bnth), ("BTNH_again", "BTNH", btnh)):
+        fn = partial(cudnn_attention, scale=D ** -0.5, qkv_layout=layout)
+        f = jax.jit(fn)
+        g = jax.jit(jax.grad(lambda q, k, v, fn=fn, cot=cot: jnp.vdot(fn(q, k, v).astype(jnp.float32),
+                                                                       cot.astype(jnp.float32)), argnums=(0, 1, 2)))
+        tf, tg = per_call(f, q, k, v), per_call(g, q, k, v)
+        out = f(q, k, v)
+        outs[name] = out if layout == "BTNH" else jnp.swapaxes(out, 1, 2)
+        res[name] = {"fwd_ms": tf * 1e3, "fwd_bwd_ms": tg * 1e3}
+        print(name, res[name], flush=True)
+    res["max_out_diff"] = float(jnp.max(jnp.abs(outs["BNTH"].astype(jnp.float32) - outs["BTNH"].astype(jnp.float32))))
+    write_result("attention_probe_layouts", res)
 
 
 if __name__ == "__main__":
