@@ -13,7 +13,6 @@ matmuls; inside the training step it did not (RESULTS.md, "tried and not kept").
 
 from __future__ import annotations
 
-import functools
 from functools import partial
 
 import jax
@@ -61,7 +60,7 @@ def _kernel(a_gmem, b_gmem, o_gmem, *, a_t: bool, b_t: bool, width: int):
 
     noop = lambda *_, **__: None
 
-    @functools.partial(pl.run_scoped, allocs=pipeline(noop, noop).get_allocations(a_gmem, b_gmem),
+    @partial(pl.run_scoped, allocs=pipeline(noop, noop).get_allocations(a_gmem, b_gmem),
                        out_smem=plgpu.SMEM((2, 2, TM, EPI), o_gmem.dtype, transforms=swz),
                        collective_axes="wg")
     def _scope(allocs, out_smem):
@@ -74,7 +73,7 @@ def _kernel(a_gmem, b_gmem, o_gmem, *, a_t: bool, b_t: bool, width: int):
             rows = pl.ds(mi * (2 * TM) + wg * TM, TM)
 
             def context(run):
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((TM, TN), jnp.float32))
+                @partial(pl.run_scoped, acc_ref=plgpu.ACC((TM, TN), jnp.float32))
                 def _acc(acc_ref):
                     run(acc_ref)
                     acc = acc_ref[...]
