@@ -102,7 +102,7 @@ def dit_case(a, mesh, n_dev):
     rng = np.random.default_rng(0)
     sched = flow_schedule(10, h, w, scheduler_config())
     lat = (h // 8, w // 8, 16)
-    t_glyph = 8 if SMOKE else 256
+    t_glyph = a.glyph or (8 if SMOKE else 256)
     x = rng.standard_normal((b, 1, *lat)).astype(np.float32)
     cond = flow.make_cond(jnp.asarray(rng.standard_normal((b, t_glyph, cfg.text_embed_dim)), jnp.bfloat16),
                           jnp.asarray(rng.integers(0, 100 if SMOKE else 16384, (b, (h // 16) * (w // 16)))), h, w)
@@ -113,7 +113,7 @@ def dit_case(a, mesh, n_dev):
                        noise_level=np.asarray(0.7, np.float32))
     # forward + backward: 3x the forward (2x without weight gradients: LoRA on frozen kernels)
     flops = (2 if a.lora else 3) * dit_flops(cfg, (h // 16) * (w // 16), t_glyph, 0) * b
-    return build, batch, flops, b, {"dit_layers": cfg.num_layers, "resolution": h}
+    return build, batch, flops, b, {"dit_layers": cfg.num_layers, "resolution": h, "glyph_tokens": t_glyph}
 
 
 def ar_case(a, mesh, n_dev):
@@ -164,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--batch-per-device", type=int, default=8, help="AR sequences per device")
     ap.add_argument("--micro", type=int, default=4, help="AR micro-batch (global)")
     ap.add_argument("--attention", default="", help="'' = cuDNN on GPU, else 'xla'")
+    ap.add_argument("--glyph", type=int, default=0, help="DiT glyph tokens (0: 256, 8 in smoke mode); e.g. 251 "
+                    "for a stream the DiT pads to a multiple of 8 rows")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     distributed.initialize()
