@@ -64,7 +64,7 @@ from glm_jax.models.dit_ops import (
     qk_norm_rope,
     round_rows,
 )
-from glm_jax.models.layers import Dense, DType, layer_norm, param
+from glm_jax.models.layers import Dense, DType, Embedding, layer_norm
 from glm_jax.models.remat import check_policy, layer_call
 from glm_jax.sharding import constrain
 
@@ -205,18 +205,6 @@ def _expand_ref(ref_BSHD: jax.Array, batch: int) -> jax.Array:
 
 
 # -------------------------------------------------------------------------------------------------- modules
-
-
-class Embedding(nnx.Module):
-    """Lookup table `embedding [num, features]` (torch `nn.Embedding`)."""
-
-    def __init__(self, num: int, features: int, *, axes: tuple[str | None, str | None], dtype: DType,
-                 param_dtype: DType, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.embedding = param(rngs, (num, features), axes, param_dtype, jax.nn.initializers.normal(1.0))
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
 class MLP2(nnx.Module):

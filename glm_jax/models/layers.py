@@ -70,6 +70,18 @@ class Dense(nnx.Module):
         return jnp.dot(self.lora_scale * xa, self.lora_b[...].astype(self.dtype))
 
 
+class Embedding(nnx.Module):
+    """Lookup table `embedding [num, features]` (torch `nn.Embedding`), looked up in `dtype`."""
+
+    def __init__(self, num: int, features: int, *, axes: tuple[str | None, str | None], dtype: DType,
+                 param_dtype: DType, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, (num, features), axes, param_dtype, jax.nn.initializers.normal(1.0))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     """RMSNorm as transformers computes it: variance in fp32, cast back to the input dtype, then scale."""
     x32 = x.astype(jnp.float32)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm_jax.models.layers import Dense, DType, param
+from glm_jax.models.layers import Dense, DType, Embedding, param
 
 # Activation names as transformers' ACT2FN spells them (the part of `feed_forward_proj` after "gated-").
 _ACTIVATIONS = {
@@ -109,18 +109,6 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_dist
     large = max_exact + np.where(dist < max_exact, 0, scaled).astype(np.int64)  # dist < max_exact: unused
     large = np.minimum(large, half - 1)
     return (out + np.where(dist < max_exact, dist, large)).astype(np.int32)
-
-
-class Embedding(nnx.Module):
-    """Lookup table `embedding [num, features]`."""
-
-    def __init__(self, num: int, features: int, *, axes: tuple[str | None, str | None], dtype: DType,
-                 param_dtype: DType, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.embedding = param(rngs, (num, features), axes, param_dtype, jax.nn.initializers.normal(1.0))
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
 class T5LayerNorm(nnx.Module):
