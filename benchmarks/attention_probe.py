@@ -20,7 +20,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import device_info, jax_sync, timeit, write_result
+from benchmarks.common import back_to_back, device_info, jax_sync, timeit, write_result
 
 B, L, H, D = 1, 4352, 32, 128
 
@@ -95,25 +95,11 @@ def main():
 def layouts():
     """cuDNN's attention with the heads axis before or after the tokens axis (the inputs already laid out so), time
     per call over 30 calls issued back to back (median of 5), forward and forward + backward."""
-    import statistics
-    import time
-
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
     res = {"device": device_info(), "shape": [B, L, H, D]}
     keys = jax.random.split(jax.random.key(0), 4)
     btnh = [jax.random.normal(kk, (B, L, H, D), jnp.bfloat16) for kk in keys]
     bnth = [jnp.swapaxes(x, 1, 2) for x in btnh]
-
-    def per_call(fn, *args):
-        jax_sync(fn(*args))
-        runs = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(30):
-                out = fn(*args)
-            jax_sync(out)
-            runs.append((time.perf_counter() - t0) / 30)
-        return statistics.median(runs)
 
     outs = {}
     for name, layout, (q, k, v, cot) in (("BTNH", "BTNH", btnh), ("BNTH", "BNTH", bnth), ("BTNH_again", "BTNH", btnh)):
@@ -121,7 +107,7 @@ def layouts():
         f = jax.jit(fn)
         g = jax.jit(jax.grad(lambda q, k, v, fn=fn, cot=cot: jnp.vdot(fn(q, k, v).astype(jnp.float32),
                                                                        cot.astype(jnp.float32)), argnums=(0, 1, 2)))
-        tf, tg = per_call(f, q, k, v), per_call(g, q, k, v)
+        tf, tg = back_to_back(f, q, k, v), back_to_back(g, q, k, v)
         out = f(q, k, v)
         outs[name] = out if layout == "BTNH" else jnp.swapaxes(out, 1, 2)
         res[name] = {"fwd_ms": tf * 1e3, "fwd_bwd_ms": tg * 1e3}

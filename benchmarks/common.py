@@ -28,6 +28,20 @@ def timeit(fn: Callable, *, warmup: int = 2, iters: int = 5, sync: Callable = la
     return {"median_s": statistics.median(times), "min_s": min(times), "iters": iters}
 
 
+def back_to_back(fn: Callable, *args, calls: int = 30, runs: int = 5) -> float:
+    """Seconds per call of `fn(*args)` with `calls` calls issued back to back (each dispatched while the last runs,
+    so a kernel's own time without the per-call wait), median of `runs`."""
+    jax.block_until_ready(fn(*args))
+    per = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per.append((time.perf_counter() - t0) / calls)
+    return statistics.median(per)
+
+
 def jax_sync(out):
     jax.block_until_ready(out)
     return out

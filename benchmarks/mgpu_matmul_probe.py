@@ -13,16 +13,13 @@ the error is the largest difference to cuBLAS's result relative to its largest v
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_info
+from benchmarks.common import back_to_back, device_info, write_result
 from benchmarks.mosaic_gemm import gemm, supported
 
 T, D, F = 4352, 4096, 16384
@@ -30,20 +27,6 @@ T, D, F = 4352, 4096, 16384
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def per_call(fn, *args, calls=30, runs=5):
-    """Seconds per call of `fn(*args)`, `calls` issued back to back (dispatch overlaps the previous call),
-    median of `runs`."""
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            r = fn(*args)
-        jax.block_until_ready(r)
-        out.append((time.perf_counter() - t0) / calls)
-    return statistics.median(out)
 
 
 def cases():
@@ -77,7 +60,7 @@ def main():
         k = sa[0] if a_t else sa[1]
         key = f"{role}_{m}x{n}x{k}"
         flop = 2 * m * n * k
-        t_ref = per_call(ref_fn, a, b)
+        t_ref = back_to_back(ref_fn, a, b)
         row = {"cublas_us": t_ref * 1e6, "cublas_tflops": flop / t_ref / 1e12}
         log(f"{key}: cuBLAS {t_ref*1e6:.1f} us ({flop/t_ref/1e12:.0f} TF/s)")
         if not supported(m, n, k, a.dtype):
@@ -90,7 +73,7 @@ def main():
                 fn = jax.jit(lambda a, b, a_t=a_t, b_t=b_t, w=w: gemm(a, b, a_t=a_t, b_t=b_t, width=w))
                 out = np.asarray(fn(a, b), np.float32)
                 err = float(np.max(np.abs(out - refn)) / np.max(np.abs(refn)))
-                t = per_call(fn, a, b)
+                t = back_to_back(fn, a, b)
             except Exception as e:  # a sweep: report and go on
                 log(f"  width {w} failed: {type(e).__name__}: {str(e)[:800]}")
                 continue
@@ -98,8 +81,7 @@ def main():
             row[f"mosaic_w{w}_err"] = err
             log(f"  Mosaic width {w}: {t*1e6:.1f} us ({flop/t/1e12:.0f} TF/s, {100*(t/t_ref-1):+.1f}%), error {err:.1e}")
         res["cases"][key] = row
-    with open(os.path.join(os.environ.get("OUT", "."), "mgpu_matmul_probe.json"), "w") as fh:
-        json.dump(res, fh, indent=1)
+    write_result("mgpu_matmul_probe", res)
 
 
 if __name__ == "__main__":

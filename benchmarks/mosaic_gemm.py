@@ -7,8 +7,9 @@ CTAs running together share operand tiles in L2); one warpgroup streams `TK`-wid
 shared memory through TMA, `STEPS` slices ahead, and two compute warpgroups each accumulate `TM` rows of the
 tile with `wgmma`, then store it through shared memory and TMA.
 
-Timed alone, back to back, it beat XLA's cuBLAS call by 4-8% on three of the DiT block's nine training-step
-matmuls; inside the training step it did not (RESULTS.md, "tried and not kept").
+Timed alone, back to back, it beat XLA's cuBLAS call by 6.6-7.9% on three of the DiT block's nine training-step
+matmuls on one card and lost on one of them by 9.5% on another; inside the training step it did not win
+(RESULTS.md, "tried and not kept").
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ def _kernel(a_gmem, b_gmem, o_gmem, *, a_t: bool, b_t: bool, width: int):
     noop = lambda *_, **__: None
 
     @partial(pl.run_scoped, allocs=pipeline(noop, noop).get_allocations(a_gmem, b_gmem),
-                       out_smem=plgpu.SMEM((2, 2, TM, EPI), o_gmem.dtype, transforms=swz),
-                       collective_axes="wg")
+             out_smem=plgpu.SMEM((2, 2, TM, EPI), o_gmem.dtype, transforms=swz), collective_axes="wg")
     def _scope(allocs, out_smem):
         wg = lax.axis_index("wg")
 
