@@ -1,4 +1,4 @@
-# Sourced by the multi-GPU drivers (sharded_2gpu.sh, scaling_8gpu.sh): `run TAG LIMIT_S COMMAND...` runs the
+# Sourced by the multi-GPU drivers (sharded_2gpu.sh, scaling_gpus.sh): `run TAG LIMIT_S COMMAND...` runs the
 # command under a time limit with its output in $OUT/log_TAG.txt, then prints its exit code and last log lines.
 OUT=${OUT:-out}
 mkdir -p "$OUT"
