@@ -9,7 +9,7 @@ every process, with random bf16 weights drawn into their shardings (AR 10.1 B wi
 B, VAE): AR sampling of one 1024² T2I token sequence per prompt (top-p 0.75), the DiT group rollout (G SDE
 trajectories of 10 steps per prompt, a 3-step SDE window, no CFG), the VAE decode, an SSIM reward against random
 targets scored by each process on its own rows, group advantages, and the DiT update (LoRA `--lora R`, or full
-fine-tuning with `--lora 0`; remat `dots`; one micro-batch of one sample per device at a time). Prompts =
+fine-tuning with `--lora 0`; remat `dots`; micro-batches of one trained SDE step of one sample per device). Prompts =
 `--prompts-per-device x devices`, so each GPU does the same work at every scale; images/s per GPU is the weak
 scaling measure (efficiency = images/s per GPU on N / on 1). Reports the median of 2 iterations after the first
 (compile), the time per phase and peak memory per device; process 0 writes `$OUT/scaling_gpu_<tag>.json`.
@@ -93,7 +93,7 @@ def main(argv=None):
     graphdef, ts, tx = train_state(dit, T.dit_trainable, a.lora, mesh)
     del dit
     n_samples = p_global * a.group
-    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, micro_batch=n_dev))
+    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, micro_batch=n_dev, micro_steps=1))
     update = S.ShardedUpdate("dit", spec, mesh, ts)
     res["setup_s"] = time.time() - t0
     log(f"models on a {n_dev}-device mesh ({n_proc} processes) in {res['setup_s']:.0f}s; peak per device "

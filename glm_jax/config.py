@@ -71,6 +71,8 @@ def base_config() -> ConfigDict:
         group_size=16, num_steps=10, noise_level=0.7, kernel="sde",
         sde_window=3, timestep_fraction=0.0,    # window W (start ~ U{0..N//2-W}); or a fraction f > 0 of steps
         guidance=1.0,                           # CFG scale in rollout and training (1 = off)
+        micro_steps=0,                          # trained steps of each sample per micro-batch (0 = all); with
+                                                # train.micro_batch it bounds the update's memory (1024²: 1 x 1)
         clip_range=1e-4, adv_clip=5.0, beta=0.01,
         lr=1e-5, warmup_steps=10, weight_decay=1e-4, grad_clip=1.0, b1=0.9, b2=0.999,
     ))
@@ -255,6 +257,12 @@ def validate(c: ConfigDict) -> ConfigDict:
     if c.dit.timestep_fraction == 0:
         _check(1 <= c.dit.sde_window <= max(c.dit.num_steps // 2, 1), "dit.sde_window",
                f"{c.dit.sde_window} must be in 1..num_steps//2 ({c.dit.num_steps // 2}) when timestep_fraction is 0")
+    _check(c.dit.micro_steps >= 0, "dit.micro_steps", "must be >= 0 (0 = all trained steps)")
+    if c.dit.micro_steps:
+        f, n = c.dit.timestep_fraction, c.dit.num_steps
+        j = max(1, min(int(n * f), n - 1)) if f > 0 else c.dit.sde_window     # trained steps per sample
+        _check(j % c.dit.micro_steps == 0, "dit.micro_steps",
+               f"{c.dit.micro_steps} does not divide the {j} trained steps per sample")
     _check(c.dit.clip_range > 0, "dit.clip_range", "must be > 0")
     _check(c.dit.guidance >= 1, "dit.guidance", "must be >= 1 (1 = no CFG)")
     _check(c.reward.scale_rewards in SCALES, "reward.scale_rewards", f"must be one of {SCALES}")

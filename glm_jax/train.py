@@ -296,7 +296,8 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
         else:
             specs[part] = T.DitSpec(graphdef, tx, T.DitLossConfig(
                 clip_range=cfg.dit.clip_range, adv_clip=cfg.reward.adv_clip, beta=cfg.dit.beta,
-                kernel=cfg.dit.kernel, guidance=cfg.dit.guidance, micro_batch=cfg.train.micro_batch))
+                kernel=cfg.dit.kernel, guidance=cfg.dit.guidance, micro_batch=cfg.train.micro_batch,
+                micro_steps=cfg.dit.micro_steps))
         if cfg[part].beta > 0:
             if lora_cfg is not None:
                 from glm_jax.lora import adapters_off

@@ -90,10 +90,11 @@ def ar_setup(stack, *, lr=0.0, micro=0, beta=0.0, tx=None, sampling=SAMPLING, ep
     return spec, T.init_train_state(jax.random.key(0), ar=policy)
 
 
-def dit_setup(stack, *, lr=0.0, micro=0, beta=0.0, guidance=1.5, clip=1e-3, eps=1e-8):
+def dit_setup(stack, *, lr=0.0, micro=0, beta=0.0, guidance=1.5, clip=1e-3, eps=1e-8, micro_steps=0):
     tx = O.make_optimizer(O.OptimConfig(lr=lr, grad_clip=1.0, weight_decay=1e-4, eps=eps))
     graphdef, policy = T.init_policy(stack.dit.merge(), tx, T.dit_trainable)
-    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=clip, beta=beta, guidance=guidance, micro_batch=micro))
+    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=clip, beta=beta, guidance=guidance, micro_batch=micro,
+                                                   micro_steps=micro_steps))
     return spec, T.init_train_state(jax.random.key(0), dit=policy)
 
 
@@ -295,6 +296,16 @@ def test_dit_gradient_accumulation_equals_one_batch(stack, dit_roll):
     assert float(m1["clipfrac"]) > 0 and float(m1["kl_loss"]) > 0
     assert tree_rel(g4, g1) < 1e-5
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
+    # one trained step of 2 samples per micro-batch: the J steps of a sample land in different micro-batches
+    j = batch.steps.shape[1]
+    assert j >= 2
+    spec_s, ts_s = dit_setup(stack, lr=1e-3, beta=0.05, micro=2, eps=1e-2, micro_steps=1)
+    assert T._dit_n_micro(batch.steps.shape[0], j, spec_s.loss) == 4 * j
+    g_s, m_s = T.dit_grads_jit(spec_s, ts_s.dit, batch, ref)
+    assert tree_rel(g_s, g1) < 1e-5
+    np.testing.assert_allclose(float(m_s["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="2 steps does not divide the batch of 8 samples x 3 trained steps"):
+        T._dit_n_micro(8, 3, T.DitLossConfig(micro_steps=2))
 
 
 def test_both_step_updates_each_policy_with_its_own_optimizer(stack, ar_roll, dit_roll):

@@ -256,6 +256,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_rerun_resumes(tmp_path, capsy
     ("--config.ema.decay=-0.1", "ema.decay"),
     ("--config.ema.every=0", "ema.every"),
     ("--config.log.eval_num_steps=0", "log.eval_num_steps"),
+    ("--config.dit.micro_steps=3", "dit.micro_steps"),
     ("--config.mesh.fsdp=2", "config.mesh.fsdp=2: multi-device training is not available"),
     ("--config.data.path=data/t2i", "config.data.path (i2i data): data/t2i/prompts.txt:1: no source image"),
 ])

@@ -17,8 +17,8 @@
   `velocity` / `transition_mean` / `gaussian_logprob` code as the sampler), `dit_policy_loss` with clip range,
   advantage clip and beta times Flow-GRPO's KL on the means against the reference DiT.
 * **Gradient accumulation.** The batch (AR: sequences; DiT: sample-major (sample, step) items) is cut into
-  `B / micro_batch` equal micro-batches and a `lax.scan` sums their gradients. The loss normalisers are computed
-  once over the whole batch (`ar_loss_normalizers` / `dit_loss_normalizers`) and passed to every micro-batch, so
+  `B / micro_batch` equal micro-batches (DiT: `B / micro_batch x J / micro_steps`) and a `lax.scan` sums their
+  gradients. The loss normalisers are computed once over the whole batch (`ar_loss_normalizers` / `dit_loss_normalizers`) and passed to every micro-batch, so
   the update does not depend on the split (tested). Group size and groups per step are then free of memory.
 * **Old log-probs and the ratio.** With `num_iterations == 1` and one update per rollout the ratio uses
   `old = stop_gradient(new)` from the same forward: exactly 1, the gradient is REINFORCE. Otherwise
@@ -141,8 +141,9 @@ class ArLossConfig:
 @dataclass(frozen=True)
 class DitLossConfig:
     """Static DiT loss settings: `clip_range`, `adv_clip`, `beta` (Flow-GRPO KL weight), the SDE `kernel`,
-    CFG `guidance` (as in the rollout), and `micro_batch` SAMPLES per accumulation step (0 = all; each brings
-    its J trained steps)."""
+    CFG `guidance` (as in the rollout), and the accumulation unit: `micro_batch` samples (0 = all) times
+    `micro_steps` of each sample's J trained steps (0 = all J) per micro-batch. At 1024² one trained step of
+    one sample is one DiT forward + backward, so `micro_steps=1` bounds the memory whatever the SDE window."""
 
     clip_range: float = 1e-4
     adv_clip: float | None = 5.0
@@ -150,6 +151,7 @@ class DitLossConfig:
     kernel: str = "sde"
     guidance: float = 1.0
     micro_batch: int = 0
+    micro_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -413,9 +415,19 @@ def _dit_loss(spec: DitSpec, frozen, ref_params, sched, noise_level, norm, param
     return loss, ({**metrics, **extra}, sg(out.logprob))
 
 
+def _dit_n_micro(b: int, j: int, c: DitLossConfig) -> int:
+    """Number of micro-batches of the `b * j` items: `micro_batch` samples x `micro_steps` steps each."""
+    samples = c.micro_batch if 0 < c.micro_batch < b else b
+    steps = c.micro_steps if 0 < c.micro_steps < j else j
+    if b % samples or j % steps:
+        raise ValueError(f"DiT micro-batch of {samples} samples x {steps} steps does not divide the batch of {b} "
+                         f"samples x {j} trained steps (train.micro_batch, dit.micro_steps)")
+    return (b // samples) * (j // steps)
+
+
 def _dit_prepare(spec: DitSpec, batch: DitBatch):
     b, j = batch.steps.shape
-    m = _n_micro(b, spec.loss.micro_batch)
+    m = _dit_n_micro(b, j, spec.loss)
     items = _dit_items(batch)
     norm = dit_loss_normalizers(jnp.ones((b * j, 1), bool), items.w)
     micro = jax.tree.map(lambda x: _to_micro(x, m), items)
