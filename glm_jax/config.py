@@ -93,7 +93,11 @@ def base_config() -> ConfigDict:
         eval_num_steps=50,               # DiT ODE steps of the evaluation images
         eval_guidance=1.5,               # CFG scale of the evaluation images (1 = off)
     ))
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ConfigDict(dict(
+        data=-1, fsdp=1, tensor=1,
+        gather_decode=True,              # AR sampling gathers the fsdp-split AR weights once per rollout (costs
+                                         # their full size per device) instead of per layer at every token
+    ))
     return c
 
 

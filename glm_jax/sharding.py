@@ -386,6 +386,28 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = ACTIVATIO
     return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh, rules))
 
 
+def gather_weights(tree: Any, rules: Rules = ACTIVATION_RULES) -> Any:
+    """Inside jitted code under a mesh: every `nnx.Variable` of `tree` (a state, or a tuple of states)
+    constrained to its rule sharding without `fsdp` (`tensor` splits kept), i.e. the FSDP weights gathered once.
+    For decode loops: without it the partitioner may gather every layer's weights again at every token (the AR
+    sampler on two H100s: 54 s instead of 8.5 s per 1024² rollout). Costs the gathered weights' memory on each
+    device. The identity when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return tree
+
+    def leaf(path, x):
+        if not _is_var(x):
+            return x
+        value = x.get_value()
+        axes, shape = variable_axes(x), tuple(getattr(value, "shape", ()))
+        spec = (PartitionSpec() if axes is None or len(axes) != len(shape)
+                else logical_spec(axes, shape, mesh, rules, _unsplit_for(path_str(path), FUSED_AXES)))
+        return x.replace(jax.lax.with_sharding_constraint(value, spec))
+
+    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_var)
+
+
 def sharded_jit(fn: Callable, mesh: Mesh, *, in_shardings: Any = None, out_shardings: Any = None,
                 donate_argnums: int | tuple[int, ...] = ()) -> Callable:
     """`jax.jit(fn, in_shardings=..., out_shardings=..., donate_argnums=...)` called (and so traced) under

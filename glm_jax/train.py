@@ -514,7 +514,8 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
             p = len(prep.prompts)
             ids = jnp.arange(p, dtype=jnp.int32) + b * p
             tokens, _ = R.sample_group_tokens(ar, prep.arp, jax.random.fold_in(root, 0), ids,
-                                              make_sampling(cfg, stack), n_codes=stack.n_codes, eos_id=stack.eos_id)
+                                              make_sampling(cfg, stack), n_codes=stack.n_codes, eos_id=stack.eos_id,
+                                              gather=cfg.mesh.gather_decode)
             imgs = R.render_tokens(dit, stack.vae, tokens, prep.arp.layout, prep.glyph, prep.neg,
                                    jax.random.fold_in(root, 1), ids, sched, height=H, width=W,
                                    guidance=cfg.log.eval_guidance, ref_kv=prep.ref_kv)
@@ -613,7 +614,7 @@ def make_train_mesh(cfg, log=print):
         raise ConfigError(f"config.train.groups_per_step={cfg.train.groups_per_step}: each of the {n_proc} processes "
                           f"loads its share of the prompts; make it a multiple of {n_proc}")
     try:
-        mesh = S.make_mesh(cfg.mesh)
+        mesh = S.make_mesh({k: v for k, v in cfg.mesh.items() if k != "gather_decode"})
     except ValueError as e:
         field, _, why = str(e).partition(": ")
         if jax.device_count() == 1 and "does not fit" in why:
@@ -759,7 +760,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     dit_sched = stack.schedule(cfg.dit.num_steps, H, W)
     sampling = make_sampling(cfg, stack)
     ar_rcfg = R.ArRolloutConfig(group_size=cfg.ar.group_size, sampling=sampling, decode_steps=cfg.ar.decode_steps,
-                                decode_guidance=cfg.ar.decode_guidance, same_latent=True)
+                                decode_guidance=cfg.ar.decode_guidance, same_latent=True,
+                                gather_weights=cfg.mesh.gather_decode)
     dit_rcfg = R.DitRolloutConfig(group_size=cfg.dit.group_size, num_steps=cfg.dit.num_steps,
                                   noise_level=cfg.dit.noise_level, kernel=cfg.dit.kernel,
                                   sde_window=cfg.dit.sde_window, timestep_fraction=cfg.dit.timestep_fraction,
@@ -852,7 +854,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                         tokens_for_dit, _ = R.sample_group_tokens(
                             current_split(setup, stack, "ar"), prep.arp, jax.random.fold_in(key, 1),
                             np.arange(len(prompts)) + step * 1_000_000, sampling, n_codes=stack.n_codes,
-                            eos_id=stack.eos_id)
+                            eos_id=stack.eos_id, gather=cfg.mesh.gather_decode)
                         times["time/ar_sample_s"] = time.perf_counter() - t0 + sync(tokens_for_dit)
                     g = cfg.dit.group_size
                     # the AR update donated the old state, so the DiT's current params are taken from the new one

@@ -438,6 +438,43 @@ def test_rollouts_split_over_the_batch_axes_and_match_one_device():
 
 
 @needs8
+def test_decode_weights_are_gathered_over_fsdp_only():
+    """`gather_weights` (the AR sampler's weights before its decode loop) drops `fsdp` from every param's
+    sharding and keeps the `tensor` splits; sampling with and without it gives the same tokens."""
+    from glm_jax.grpo import rollout as R
+    from glm_jax.pipeline import GlmImageStack, ar_prompts_from_batch
+    from glm_jax.sampling.ar_sampler import SamplingParams
+    from glm_jax.tiny import tiny_checkpoint
+    mesh = S.make_mesh(MESHES["data2_fsdp2_tensor2"])
+    stack = GlmImageStack.load(tiny_checkpoint(seed=3), mesh=mesh)
+    graphdef, state = stack.ar
+    with jax.set_mesh(mesh):
+        gathered = jax.jit(S.gather_weights)(state)
+    before = {S.path_str(p): x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    after = {S.path_str(p): x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(gathered)[0]}
+    assert before["text.layers.0.mlp.down_proj.kernel.value"] == P("tensor", "fsdp")
+    assert without_fsdp(after["text.layers.0.mlp.down_proj.kernel.value"]) == (("tensor",),)
+    assert without_fsdp(after["lm_head.kernel.value"]) == ((), ("tensor",))
+    n_fsdp = sum("fsdp" in str(spec) for spec in before.values())
+    assert n_fsdp > 10
+    for path, spec in before.items():
+        assert without_fsdp(after[path]) == without_fsdp(spec) and "fsdp" not in str(after[path]), path
+    arp = ar_prompts_from_batch(stack.prompts.build_t2i(["a red cat", 'the word "OK"'], H, W)).repeat(4)
+    with jax.set_mesh(mesh):
+        toks = [R.sample_group_tokens(stack.ar, arp, jax.random.key(0), np.arange(8), SamplingParams(top_k=stack.n_codes),
+                                      n_codes=stack.n_codes, eos_id=stack.eos_id, gather=g)[0] for g in (True, False)]
+    np.testing.assert_array_equal(np.asarray(toks[0]), np.asarray(toks[1]))
+
+
+def without_fsdp(spec: PartitionSpec) -> tuple:
+    """The mesh axes of each dimension of `spec` other than `fsdp`, trailing empty dimensions dropped."""
+    out = [tuple(a for a in ((d,) if isinstance(d, str) else (d or ())) if a != "fsdp") for d in spec]
+    while out and not out[-1]:
+        out.pop()
+    return tuple(out)
+
+
+@needs8
 def test_reward_set_on_several_devices_scores_as_one_call():
     """A process driving several devices scores its images on all of them (`RewardSet.on_devices`: blocks of
     rows, one thread per device): the same scores as one call, for rewards with targets, sources and none."""

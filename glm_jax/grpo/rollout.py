@@ -49,7 +49,7 @@ from glm_jax.pipeline import (
 from glm_jax.sampling import flow
 from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_keys, sample_tokens
 from glm_jax.sampling.schedule import FlowSchedule
-from glm_jax.sharding import constrain
+from glm_jax.sharding import constrain, gather_weights
 
 KEY_TOKENS, KEY_LATENT, KEY_NOISE, KEY_WINDOW = 0, 1, 2, 3
 
@@ -76,13 +76,14 @@ def _rows(tree: Any, b: int, axis: int = 0) -> Any:
 @dataclass(frozen=True)
 class ArRolloutConfig:
     """AR rollout settings: `group_size` G, the sampler's policy, and the ODE render of the reward images
-    (`decode_steps`, `decode_guidance`, `same_latent`)."""
+    (`decode_steps`, `decode_guidance`, `same_latent`); `gather_weights`: see `sample_group_tokens`."""
 
     group_size: int = 8
     sampling: SamplingParams = field(default_factory=SamplingParams)
     decode_steps: int = 50
     decode_guidance: float = 1.5
     same_latent: bool = True
+    gather_weights: bool = True
 
 
 class ArGroupRollout(NamedTuple):
@@ -101,10 +102,10 @@ class ArGroupRollout(NamedTuple):
     neg_glyph: jax.Array | None
 
 
-@partial(jax.jit, static_argnames=("graphdef", "params", "n_codes", "eos_id"))
+@partial(jax.jit, static_argnames=("graphdef", "params", "n_codes", "eos_id", "gather"))
 def _ar_sample_jit(graphdef, state, input_ids, attention_mask, position_ids, decode_positions, keys, *, params,
-                   n_codes, eos_id):
-    model = _merge(graphdef, state)
+                   n_codes, eos_id, gather=True):
+    model = _merge(graphdef, gather_weights(state) if gather else state)
     b, length = input_ids.shape
     input_ids, attention_mask, keys = _rows((input_ids, attention_mask, keys), b)
     position_ids, decode_positions = _rows((position_ids, decode_positions), b, axis=1)
@@ -114,13 +115,15 @@ def _ar_sample_jit(graphdef, state, input_ids, attention_mask, position_ids, dec
 
 
 def sample_group_tokens(ar, prompts: ArPrompts, key: jax.Array, sample_ids: jax.Array, params: SamplingParams,
-                        *, n_codes: int, eos_id: int) -> tuple[jax.Array, jax.Array]:
+                        *, n_codes: int, eos_id: int, gather: bool = True) -> tuple[jax.Array, jax.Array]:
     """`(tokens, processed log-probs)` `[B, N]` of already repeated prompt rows, row b on stream
-    `fold_in(key, sample_ids[b])`. `ar` is `(graphdef, state)` (state may be a tuple of states)."""
+    `fold_in(key, sample_ids[b])`. `ar` is `(graphdef, state)` (state may be a tuple of states). Under a mesh
+    with `fsdp`, `gather` gathers the AR's weights once before the decode loop (`sharding.gather_weights`;
+    `mesh.gather_decode` in the trainer's config)."""
     ids, mask, pos, dec = (jnp.asarray(a) for a in prompts.arrays())
     keys = sample_keys(key, ids.shape[0], jnp.asarray(sample_ids))
     return _ar_sample_jit(ar[0], ar[1], ids, mask, pos, dec, keys, params=params, n_codes=int(n_codes),
-                          eos_id=int(eos_id))
+                          eos_id=int(eos_id), gather=bool(gather))
 
 
 @partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "layout", "height", "width"))
@@ -213,7 +216,7 @@ def ar_group_rollout(ar, dit, vae, prompts: ArPrompts, glyph: jax.Array, neg_gly
     sample_ids = first_sample_id + jnp.arange(p * g, dtype=jnp.int32)
     group_ids = first_group_id + jnp.repeat(jnp.arange(p, dtype=jnp.int32), g)
     tokens, lps = sample_group_tokens(ar, rep, jax.random.fold_in(key, KEY_TOKENS), sample_ids, cfg.sampling,
-                                      n_codes=n_codes, eos_id=eos_id)
+                                      n_codes=n_codes, eos_id=eos_id, gather=cfg.gather_weights)
     timer("time/ar_sample_s", tokens)
     glyph_b = jnp.repeat(glyph, g, axis=0)
     neg_b = None if neg_glyph is None else jnp.repeat(neg_glyph, g, axis=0)
