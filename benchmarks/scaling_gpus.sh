@@ -1,6 +1,6 @@
 #!/bin/bash
-# The multi-GPU scaling runs of benchmarks/RESULTS.md, on one host with N GPUs (N = 4 or 8; default: every GPU
-# `nvidia-smi -L` lists, or NGPU=N), in the repository root. Each run is its own process group (fresh GPU memory);
+# The multi-GPU scaling runs of benchmarks/RESULTS.md, on one host with N GPUs (N = 4 or 8; default: every visible
+# GPU, or the first NGPU=N of them), in the repository root. Each run is its own process group (fresh GPU memory);
 # logs and JSON go to $OUT. Stages (pass one or more):
 #   full      full fine-tuning updates of the real-size DiT and AR with FSDP over the N GPUs: step, memory, MFU
 #   weak      weak scaling of the whole DiT GRPO iteration on 1, 2, 4, ... N GPUs (the same work per GPU)
@@ -13,9 +13,11 @@
 # has its own GPUs); run them one by one with SERIAL=1.
 set -u
 source "$(dirname "$0")/run_logged.sh"
-N=${NGPU:-$(nvidia-smi -L | wc -l)}
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then VIS=(${CUDA_VISIBLE_DEVICES//,/ }); else VIS=($(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))); fi
+N=${NGPU:-${#VIS[@]}}
 H=$((N / 2))
-gpus() { seq -s, "$1" $(($1 + $2 - 1)); }   # gpus FIRST COUNT: "FIRST,...,FIRST+COUNT-1"
+gpus() { local IFS=,; echo "${VIS[*]:$1:$2}"; }   # gpus FIRST COUNT: the visible GPUs FIRST .. FIRST+COUNT-1
+export CUDA_VISIBLE_DEVICES=$(gpus 0 "$N")      # the first N visible GPUs
 weak_small() {
     local first=0 n=1 pids=()
     while [ $n -lt "$N" ]; do
@@ -28,7 +30,7 @@ weak_small() {
         first=$((first + n)); n=$((n * 2))
     done
     if [ "${SERIAL:-0}" != 1 ] && [ $first -lt "$N" ]; then
-        CUDA_VISIBLE_DEVICES=$first run weak_1b 500 python -m benchmarks.scaling_gpu --tag weak_1b &
+        CUDA_VISIBLE_DEVICES=$(gpus $first 1) run weak_1b 500 python -m benchmarks.scaling_gpu --tag weak_1b &
         pids+=($!)
     fi
     [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"

@@ -447,7 +447,7 @@ def test_decode_weights_are_gathered_over_fsdp_only():
     from glm_jax.tiny import tiny_checkpoint
     mesh = S.make_mesh(MESHES["data2_fsdp2_tensor2"])
     stack = GlmImageStack.load(tiny_checkpoint(seed=3), mesh=mesh)
-    graphdef, state = stack.ar
+    _, state = stack.ar
     with jax.set_mesh(mesh):
         gathered = jax.jit(S.gather_weights)(state)
     before = {S.path_str(p): x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
