@@ -31,7 +31,8 @@ checkpointed with the state, used by evaluation and (on request) by `python -m g
 (default `data=-1`: data parallelism over every device; e.g. `--config.mesh.data=1 --config.mesh.fsdp=-1` for
 FSDP). With several devices every component is restored straight into its logical-axis sharding, the train state,
 references and EMA are sharded, the updates are `sharding.ShardedUpdate`s (batches split over `data x fsdp`, so
-`train.groups_per_step x <part>.group_size` must be a multiple of it), and the rollouts and evaluation run under
+`train.groups_per_step x <part>.group_size` must be a multiple of it; the AR sampler gathers the FSDP-split AR
+weights once per rollout, `mesh.gather_decode`), and the rollouts and evaluation run under
 the mesh as one computation split over its batch axes; checkpoints restore into the current layout (also another
 device count). Several processes (`python -m glm_jax.launch`, SLURM, `JAX_*` variables; `distributed.initialize`
 runs first): each loads its own `groups_per_step / processes` prompts with their targets, every process builds
