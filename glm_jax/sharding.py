@@ -386,6 +386,33 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = ACTIVATIO
     return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh, rules))
 
 
+def per_device(fn: Callable, args: Sequence[jax.Array], batched: Sequence[bool], outs: Sequence[str]) -> tuple:
+    """`fn(*args)` (a tuple of outputs) with a Pallas call inside, per device under a mesh: XLA does not partition
+    a Pallas call (it would gather its inputs to every device and compute every sample on each), so it runs in a
+    `shard_map` over the mesh axes that split the samples. `batched[i]`: whether argument `i` has the sample axis
+    first (else it is replicated); `outs[i]`: "batch" (sample axis first) or "sum" (a partial sum over this
+    device's samples, summed over the devices). Needs the samples to be the only split dimension of the batched
+    arguments (no `tensor` split); the identity without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size <= 1:
+        return fn(*args)
+    b = next(a.shape[0] for a, is_b in zip(args, batched) if is_b)
+    axes = logical_spec(("batch",), (b,), mesh, ACTIVATION_RULES)[0]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+    def spec(ndim, is_b):
+        return PartitionSpec(axes, *[None] * (ndim - 1)) if is_b else PartitionSpec(*[None] * ndim)
+
+    def local(*a):
+        res = fn(*a)
+        return tuple(jax.lax.psum(r, names) if kind == "sum" and names else r for r, kind in zip(res, outs))
+
+    in_specs = tuple(spec(a.ndim, is_b) for a, is_b in zip(args, batched))
+    out_shapes = jax.eval_shape(fn, *args)
+    out_specs = tuple(spec(o.ndim, kind == "batch") for o, kind in zip(out_shapes, outs))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
 def gather_weights(tree: Any, rules: Rules = ACTIVATION_RULES) -> Any:
     """Inside jitted code under a mesh: every `nnx.Variable` of `tree` (a state, or a tuple of states)
     constrained to its rule sharding without `fsdp` (`tensor` splits kept), i.e. the FSDP weights gathered once.

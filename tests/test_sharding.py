@@ -466,6 +466,38 @@ def test_decode_weights_are_gathered_over_fsdp_only():
     np.testing.assert_array_equal(np.asarray(toks[0]), np.asarray(toks[1]))
 
 
+@needs8
+def test_pallas_decode_attention_runs_per_device():
+    """The AR's Pallas decode-attention kernel (interpreted on CPU) under a batch-split mesh runs in a
+    `shard_map` on each device's rows (XLA cannot partition a Pallas call) and samples the tokens of the einsum
+    form."""
+    from glm_jax.grpo import rollout as R
+    from glm_jax.pipeline import GlmImageStack, ar_prompts_from_batch
+    from glm_jax.sampling.ar_sampler import SamplingParams
+    from glm_jax.tiny import tiny_checkpoint
+    mesh = S.make_mesh(MESHES["data2_fsdp4"])
+    stack = GlmImageStack.load(tiny_checkpoint(seed=3), mesh=mesh)
+    model = nnx.merge(*stack.ar)
+    for layer in model.text.layers:
+        layer.self_attn.decode_attention = "pallas"
+    pallas_ar = nnx.split(model)
+    arp = ar_prompts_from_batch(stack.prompts.build_t2i(["a red cat", 'the word "OK"'], H, W)).repeat(4)
+    sampling = SamplingParams(top_k=stack.n_codes)
+
+    def sample(ar):
+        return R.sample_group_tokens(ar, arp, jax.random.key(0), np.arange(8), sampling, n_codes=stack.n_codes,
+                                     eos_id=stack.eos_id)
+
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(sample)(pallas_ar))
+        tok_p, lp_p = sample(pallas_ar)
+        tok_e, lp_e = sample(stack.ar)
+    assert "pallas_call" in jaxpr and "shard_map" in jaxpr
+    assert tok_p.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(np.asarray(tok_p), np.asarray(tok_e))
+    np.testing.assert_allclose(np.asarray(lp_p), np.asarray(lp_e), rtol=1e-5, atol=1e-5)
+
+
 def without_fsdp(spec: PartitionSpec) -> tuple:
     """The mesh axes of each dimension of `spec` other than `fsdp`, trailing empty dimensions dropped."""
     out = [tuple(a for a in ((d,) if isinstance(d, str) else (d or ())) if a != "fsdp") for d in spec]

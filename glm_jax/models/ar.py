@@ -42,7 +42,7 @@ from flax import nnx
 
 from glm_jax.models.layers import Dense, DType, RMSNorm, dtype_from_name, param
 from glm_jax.models.remat import layer_call
-from glm_jax.sharding import constrain
+from glm_jax.sharding import constrain, per_device
 
 STREAM_AXES = ("batch", "length", "embed")   # the residual stream, for `glm_jax.sharding.constrain`
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")      # a layer's K or V cache
@@ -219,8 +219,9 @@ class TextAttention(nnx.Module):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.implementation = implementation
-        # one-token steps over a cache: "auto" (Pallas kernel on GPU when the cache has a multiple of 128 slots,
-        # else einsum), "einsum" (`decode_attention`), "pallas" (`decode_attention_pallas`) or "dpa"
+        # one-token steps over a cache: "auto" (Pallas kernel on GPU when the cache has a multiple of 128 slots
+        # and no `tensor` mesh axis splits the heads, else einsum), "einsum" (`decode_attention`), "pallas"
+        # (`decode_attention_pallas`, per device under a mesh) or "dpa"
         self.decode_attention = "auto"
         self.fuse_qkv = True               # one-token steps: one matmul for q/k/v (kernels concatenated)
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
@@ -253,11 +254,17 @@ class TextAttention(nnx.Module):
             kv = (k_cache, v_cache)
             mode = self.decode_attention
             if mode == "auto":
-                mode = "pallas" if jax.default_backend() == "gpu" and k_cache.shape[2] % 128 == 0 else "einsum"
+                mode = ("pallas" if jax.default_backend() == "gpu" and k_cache.shape[2] % 128 == 0
+                        and _heads_unsplit() else "einsum")
             if t == 1 and mode in ("einsum", "pallas"):
-                fn = decode_attention if mode == "einsum" else decode_attention_pallas
-                o = fn(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS[:, 0], self.head_dim ** -0.5,
-                       index)
+                args = (q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS[:, 0])
+                scale = self.head_dim ** -0.5
+                if mode == "einsum":
+                    o = decode_attention(*args, scale, index)
+                else:       # a Pallas call: per device on its rows (XLA would gather every row's cache to each)
+                    o, = per_device(lambda q_, k_, v_, m_, i_: (decode_attention_pallas(q_, k_, v_, m_, scale, i_),),
+                                    (*args, jnp.asarray(index, jnp.int32)), (True, True, True, True, False),
+                                    ("batch",))
                 return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
             k, v = k_cache.swapaxes(1, 2).astype(q.dtype), v_cache.swapaxes(1, 2).astype(q.dtype)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -297,11 +304,18 @@ def decode_attention(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, ma
     return o_BKGD.astype(q_B1ND.dtype).reshape(b, 1, n, d)
 
 
+def _heads_unsplit() -> bool:
+    """No mesh, or a mesh without a `tensor` axis of more than one device (the Pallas decode kernel runs per
+    device on whole rows; with heads split over `tensor` the einsum form is partitioned instead)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
+
+
 def decode_attention_pallas(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BS: jax.Array,
                             scale: float, index) -> jax.Array:
     """`decode_attention` with JAX's Pallas (Triton) split-K decode kernel, reading only the filled slots
-    `[first valid, index]` of each row (the valid keys of a left-padded decode are that contiguous range). GPU
-    only."""
+    `[first valid, index]` of each row (the valid keys of a left-padded decode are that contiguous range). Made
+    for GPUs; on other backends it runs in Pallas' interpreter (tests)."""
     from jax.experimental.pallas.ops.gpu import decode_attention as pda
 
     b, _, n, d = q_B1ND.shape
@@ -314,7 +328,7 @@ def decode_attention_pallas(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Ar
         raise ValueError(f"decode_attention_pallas needs a cache of a multiple of 128 slots, got {slots}")
     inner = partial(pda.decode_attn_unbatched, sm_scale=scale, block_h=max(16, n // kv), block_k=128,
                     k_splits=slots // 128,
-                    num_warps=None, num_stages=2, grid=None, interpret=False, debug=False,
+                    num_warps=None, num_stages=2, grid=None, interpret=jax.default_backend() != "gpu", debug=False,
                     return_residuals=False, normalize_output=True)
     o_BKGD = jax.vmap(jax.vmap(inner))(q_BKGD, k_BKSD, v_BKSD, start_BK, len_BK)
     return o_BKGD.astype(q_B1ND.dtype).reshape(b, 1, n, d)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from glm_jax.models.layers import ln_stats
+from glm_jax.sharding import per_device
 
 LN_EPS = 1e-5
 _ROWS = (32, 16, 8)  # rows per kernel program: the largest (up to a per-kernel bound) dividing the length
@@ -92,40 +93,12 @@ def _interpret() -> bool:
 
 def _kernels_on() -> bool:
     """Kernels run on GPU unless `GLM_JAX_DIT_KERNELS=0`. Under a mesh they run per device on the samples it
-    holds (`_per_device`), which needs the activations split by samples only: with a `tensor` axis of more
+    holds (`sharding.per_device`), which needs the activations split by samples only: with a `tensor` axis of more
     than one device the plain-JAX formulas run instead, which the partitioner splits."""
     if os.environ.get("GLM_JAX_DIT_KERNELS") == "0" or (jax.default_backend() != "gpu" and not _interpret()):
         return False
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
-
-
-def _per_device(fn, args, batched, outs):
-    """`fn(*args)` with a Pallas call inside, per device under a mesh: XLA does not partition a Pallas call, so
-    it runs in a `shard_map` over the mesh axes that split the samples. `batched[i]`: whether argument `i` has
-    the sample axis first (else it is replicated); `outs[i]`: "batch" (sample axis first) or "sum" (a partial
-    sum over this device's samples, summed over the devices)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size <= 1:
-        return fn(*args)
-    from jax.sharding import PartitionSpec as P
-
-    from glm_jax.sharding import ACTIVATION_RULES, logical_spec
-    b = next(a.shape[0] for a, is_b in zip(args, batched) if is_b)
-    axes = logical_spec(("batch",), (b,), mesh, ACTIVATION_RULES)[0]
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-    def spec(ndim, is_b):
-        return P(axes, *[None] * (ndim - 1)) if is_b else P(*[None] * ndim)
-
-    def local(*a):
-        res = fn(*a)
-        return tuple(jax.lax.psum(r, names) if kind == "sum" and names else r for r, kind in zip(res, outs))
-
-    in_specs = tuple(spec(a.ndim, is_b) for a, is_b in zip(args, batched))
-    out_shapes = jax.eval_shape(fn, *args)
-    out_specs = tuple(spec(o.ndim, kind == "batch") for o, kind in zip(out_shapes, outs))
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _use_kernels(length: int, d: int, bc: int = 128) -> bool:
@@ -445,7 +418,7 @@ def _gated_residual_fwd(x, f, bias, gate, t):
 
 def _gated_residual_bwd(t, res, g):
     f, bias, gate = res
-    df, dgate, gsum = _per_device(lambda *a: gate_backward_kernel(*a, t), (g, f, bias, gate),
+    df, dgate, gsum = per_device(lambda *a: gate_backward_kernel(*a, t), (g, f, bias, gate),
                                   (True, True, False, True), ("batch",) * 3)
     dbias = jnp.sum(gsum * gate.astype(jnp.float32), axis=(0, 1))
     return g, df, dbias.astype(bias.dtype), dgate.astype(gate.dtype)
@@ -485,7 +458,7 @@ def _modulate_op(x, shift, scale, t):
 def _modulate_fwd(x, shift, scale, t):
     length, d = x.shape[1], x.shape[2]
     if _modulate_fwd_kernel_ok(length, d):
-        u, mean, rstd = _per_device(lambda *a: modulate_kernel(*a, t), (x, shift, scale), (True,) * 3,
+        u, mean, rstd = per_device(lambda *a: modulate_kernel(*a, t), (x, shift, scale), (True,) * 3,
                                     ("batch",) * 3)
         out = (u, x)
     else:
@@ -507,7 +480,7 @@ def _modulate_bwd(t, res, cts):
     a, c = (jnp.where(txt, jnp.mean(v * sp[:, :1], -1, keepdims=True), jnp.mean(v * sp[:, 1:], -1, keepdims=True))
             for v in (du32, du32 * h))
     stats = jnp.concatenate([mean, rstd, a, c], -1)
-    dx, dshift, dscale = _per_device(lambda *a: modulate_backward_kernel(*a, t), (du, x, g, stats, sp),
+    dx, dshift, dscale = per_device(lambda *a: modulate_backward_kernel(*a, t), (du, x, g, stats, sp),
                                      (True,) * 5, ("batch",) * 3)
     return dx, dshift.astype(shift.dtype), dscale.astype(scale.dtype)
 
@@ -549,7 +522,7 @@ def _qk_fwd(y, bias, cos, sin):
     length, d = y.shape[1], y.shape[2]
     k = cos.shape[-1]
     if _use_kernels(length, d, k):
-        out, = _per_device(lambda *a: (norm_rope_kernel(*a),), (y, bias, cos, sin), (True, False, False, False),
+        out, = per_device(lambda *a: (norm_rope_kernel(*a),), (y, bias, cos, sin), (True, False, False, False),
                            ("batch",))
     else:
         x32 = _heads(y.astype(jnp.float32) + bias.astype(y.dtype).astype(jnp.float32), k)
@@ -565,7 +538,7 @@ def _qk_bwd(res, g):
     length, d = y.shape[1], y.shape[2]
     k = cos.shape[-1]
     if _use_kernels(length, d, k):
-        dx, dbias = _per_device(norm_rope_backward_kernel, (y, bias, cos, sin, g), (True, False, False, False, True),
+        dx, dbias = per_device(norm_rope_backward_kernel, (y, bias, cos, sin, g), (True, False, False, False, True),
                                 ("batch", "sum"))
     else:
         x32 = _heads(y.astype(jnp.float32) + bias.astype(y.dtype).astype(jnp.float32), k)
@@ -599,7 +572,7 @@ def bias_gelu(h_BLF: jax.Array, bias_F: jax.Array) -> jax.Array:
 def _gelu_fwd(h, bias):
     length, f = h.shape[1], h.shape[2]
     if _use_kernels(length, f, _GELU_BC):
-        out, = _per_device(lambda *a: (gelu_kernel(*a),), (h, bias), (True, False), ("batch",))
+        out, = per_device(lambda *a: (gelu_kernel(*a),), (h, bias), (True, False), ("batch",))
     else:
         out = _gelu_tanh32((h + bias.astype(h.dtype)).astype(jnp.float32)).astype(h.dtype)
     return out, (h, bias)
@@ -609,7 +582,7 @@ def _gelu_bwd(res, g):
     h, bias = res
     length, f = h.shape[1], h.shape[2]
     if _use_kernels(length, f, _GELU_BC):
-        dh, dbias = _per_device(gelu_backward_kernel, (h, bias, g), (True, False, True), ("batch", "sum"))
+        dh, dbias = per_device(gelu_backward_kernel, (h, bias, g), (True, False, True), ("batch", "sum"))
     else:
         x = (h + bias.astype(h.dtype)).astype(jnp.float32)
         dh = (g.astype(jnp.float32) * _gelu_tanh_grad32(x)).astype(h.dtype)
