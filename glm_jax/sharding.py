@@ -386,6 +386,13 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = ACTIVATIO
     return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh, rules))
 
 
+def tensor_unsplit() -> bool:
+    """Inside traced code: no mesh is set, or its `tensor` axis has one device (so the activations are split by
+    samples only, what `per_device` needs)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
+
+
 def per_device(fn: Callable, args: Sequence[jax.Array], batched: Sequence[bool], outs: Sequence[str]) -> tuple:
     """`fn(*args)` (a tuple of outputs) with a Pallas call inside, per device under a mesh: XLA does not partition
     a Pallas call (it would gather its inputs to every device and compute every sample on each), so it runs in a

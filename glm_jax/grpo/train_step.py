@@ -18,8 +18,8 @@
   advantage clip and beta times Flow-GRPO's KL on the means against the reference DiT.
 * **Gradient accumulation.** The batch (AR: sequences; DiT: sample-major (sample, step) items) is cut into
   `B / micro_batch` equal micro-batches (DiT: `B / micro_batch x J / micro_steps`) and a `lax.scan` sums their
-  gradients. The loss normalisers are computed once over the whole batch (`ar_loss_normalizers` / `dit_loss_normalizers`) and passed to every micro-batch, so
-  the update does not depend on the split (tested). Group size and groups per step are then free of memory.
+  gradients. The loss normalisers are computed once over the whole batch (`ar_loss_normalizers` /
+  `dit_loss_normalizers`) and passed to every micro-batch, so the update does not depend on the split (tested). Group size and groups per step are then free of memory.
 * **Old log-probs and the ratio.** With `num_iterations == 1` and one update per rollout the ratio uses
   `old = stop_gradient(new)` from the same forward: exactly 1, the gradient is REINFORCE. Otherwise
   `*_old_logprobs` computes them before the first update with the trainer's own jitted micro-batch scan (the

@@ -42,7 +42,7 @@ from flax import nnx
 
 from glm_jax.models.layers import Dense, DType, RMSNorm, dtype_from_name, param
 from glm_jax.models.remat import layer_call
-from glm_jax.sharding import constrain, per_device
+from glm_jax.sharding import constrain, per_device, tensor_unsplit
 
 STREAM_AXES = ("batch", "length", "embed")   # the residual stream, for `glm_jax.sharding.constrain`
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")      # a layer's K or V cache
@@ -255,7 +255,7 @@ class TextAttention(nnx.Module):
             mode = self.decode_attention
             if mode == "auto":
                 mode = ("pallas" if jax.default_backend() == "gpu" and k_cache.shape[2] % 128 == 0
-                        and _heads_unsplit() else "einsum")
+                        and tensor_unsplit() else "einsum")
             if t == 1 and mode in ("einsum", "pallas"):
                 args = (q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS[:, 0])
                 scale = self.head_dim ** -0.5
@@ -302,13 +302,6 @@ def decode_attention(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, ma
     o_BKGD = jnp.einsum("bkgs,bksd->bkgd", p_BKGS.astype(v_BKSD.dtype), v_BKSD,
                         preferred_element_type=jnp.float32)
     return o_BKGD.astype(q_B1ND.dtype).reshape(b, 1, n, d)
-
-
-def _heads_unsplit() -> bool:
-    """No mesh, or a mesh without a `tensor` axis of more than one device (the Pallas decode kernel runs per
-    device on whole rows; with heads split over `tensor` the einsum form is partitioned instead)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
 
 
 def decode_attention_pallas(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BS: jax.Array,

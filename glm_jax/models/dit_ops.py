@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from glm_jax.models.layers import ln_stats
-from glm_jax.sharding import per_device
+from glm_jax.sharding import per_device, tensor_unsplit
 
 LN_EPS = 1e-5
 _ROWS = (32, 16, 8)  # rows per kernel program: the largest (up to a per-kernel bound) dividing the length
@@ -93,12 +93,11 @@ def _interpret() -> bool:
 
 def _kernels_on() -> bool:
     """Kernels run on GPU unless `GLM_JAX_DIT_KERNELS=0`. Under a mesh they run per device on the samples it
-    holds (`sharding.per_device`), which needs the activations split by samples only: with a `tensor` axis of more
-    than one device the plain-JAX formulas run instead, which the partitioner splits."""
+    holds (`sharding.per_device`), which needs the activations split by samples only: with a `tensor` axis of
+    more than one device the plain-JAX formulas run instead, which the partitioner splits."""
     if os.environ.get("GLM_JAX_DIT_KERNELS") == "0" or (jax.default_backend() != "gpu" and not _interpret()):
         return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or dict(mesh.shape).get("tensor", 1) == 1
+    return tensor_unsplit()
 
 
 def _use_kernels(length: int, d: int, bc: int = 128) -> bool:
