@@ -263,8 +263,9 @@ def validate(c: ConfigDict) -> ConfigDict:
                f"{c.dit.sde_window} must be in 1..num_steps//2 ({c.dit.num_steps // 2}) when timestep_fraction is 0")
     _check(c.dit.micro_steps >= 0, "dit.micro_steps", "must be >= 0 (0 = all trained steps)")
     if c.dit.micro_steps:
-        f, n = c.dit.timestep_fraction, c.dit.num_steps
-        j = max(1, min(int(n * f), n - 1)) if f > 0 else c.dit.sde_window     # trained steps per sample
+        from glm_jax.grpo.rollout import DitRolloutConfig
+        j = DitRolloutConfig(num_steps=c.dit.num_steps, sde_window=c.dit.sde_window,
+                             timestep_fraction=c.dit.timestep_fraction).num_sde_steps   # trained steps per sample
         _check(j % c.dit.micro_steps == 0, "dit.micro_steps",
                f"{c.dit.micro_steps} does not divide the {j} trained steps per sample")
     _check(c.dit.clip_range > 0, "dit.clip_range", "must be > 0")

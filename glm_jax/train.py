@@ -615,7 +615,7 @@ def make_train_mesh(cfg, log=print):
         raise ConfigError(f"config.train.groups_per_step={cfg.train.groups_per_step}: each of the {n_proc} processes "
                           f"loads its share of the prompts; make it a multiple of {n_proc}")
     try:
-        mesh = S.make_mesh({k: v for k, v in cfg.mesh.items() if k != "gather_decode"})
+        mesh = S.make_mesh(cfg.mesh)
     except ValueError as e:
         field, _, why = str(e).partition(": ")
         if jax.device_count() == 1 and "does not fit" in why:
