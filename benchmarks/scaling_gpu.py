@@ -34,6 +34,11 @@ def main(argv=None):
     ap.add_argument("--lora", type=int, default=64, help="LoRA rank of the DiT (0: full fine-tuning)")
     ap.add_argument("--steps", type=int, default=10, help="denoising steps of the rollout")
     ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--gather-dit", type=int, default=1,
+                    help="1: the DiT's weights gathered once per SDE rollout (mesh.gather_dit); 0: per layer per step")
+    ap.add_argument("--gather-frozen", type=int, default=1,
+                    help="1: the update gathers the frozen (LoRA base) weights once (mesh.gather_frozen); 0: per "
+                         "micro-batch")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     distributed.initialize()
@@ -72,7 +77,8 @@ def main(argv=None):
     mesh = S.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     attn = "cudnn" if jax.default_backend() == "gpu" else None
     res = {"device": device_info(), "devices": n_dev, "processes": n_proc, "prompts": p_global, "group": a.group,
-           "lora_rank": a.lora, "steps": a.steps}
+           "lora_rank": a.lora, "steps": a.steps, "gather_dit": bool(a.gather_dit),
+           "gather_frozen": bool(a.gather_frozen)}
 
     def save():
         if jax.process_index() == 0:
@@ -93,7 +99,8 @@ def main(argv=None):
     graphdef, ts, tx = train_state(dit, T.dit_trainable, a.lora, mesh)
     del dit
     n_samples = p_global * a.group
-    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, micro_batch=n_dev, micro_steps=1))
+    spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, micro_batch=n_dev, micro_steps=1,
+                                                   gather_frozen=bool(a.gather_frozen)))
     update = S.ShardedUpdate("dit", spec, mesh, ts)
     res["setup_s"] = time.time() - t0
     log(f"models on a {n_dev}-device mesh ({n_proc} processes) in {res['setup_s']:.0f}s; peak per device "
@@ -108,7 +115,7 @@ def main(argv=None):
     targets = rng.integers(0, 256, (p_global, h, w, 3), dtype=np.uint8)
     sched = flow_schedule(a.steps, h, w, scheduler_config())
     rcfg = R.DitRolloutConfig(group_size=a.group, num_steps=a.steps, sde_window=min(3, a.steps // 2),
-                              noise_level=0.7)
+                              noise_level=0.7, gather_weights=bool(a.gather_dit))
     sampling = SamplingParams(temperature=0.9, top_k=None, top_p=0.75)
     rewards = build_reward_sets({"dit": {"ssim": 1.0}})["dit"]
     per = p_global // n_proc

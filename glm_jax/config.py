@@ -97,6 +97,9 @@ def base_config() -> ConfigDict:
         data=-1, fsdp=1, tensor=1,
         gather_decode=True,              # AR sampling gathers the fsdp-split AR weights once per rollout (costs
                                          # their full size per device) instead of per layer at every token
+        gather_dit=True,                 # the same for the DiT's sampling loops (SDE rollout, ODE render, eval)
+        gather_frozen=True,              # an update gathers its frozen weights (LoRA: the base model) once, not
+                                         # per layer in every micro-batch
     ))
     return c
 

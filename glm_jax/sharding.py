@@ -50,7 +50,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-MESH_OPTIONS = ("gather_decode",)   # the other fields of the config's `mesh` section (not axis sizes)
+MESH_OPTIONS = ("gather_decode", "gather_dit", "gather_frozen")   # the other fields of the config's `mesh` section (not axis sizes)
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]

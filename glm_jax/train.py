@@ -32,7 +32,8 @@ checkpointed with the state, used by evaluation and (on request) by `python -m g
 FSDP). With several devices every component is restored straight into its logical-axis sharding, the train state,
 references and EMA are sharded, the updates are `sharding.ShardedUpdate`s (batches split over `data x fsdp`, so
 `train.groups_per_step x <part>.group_size` must be a multiple of it; the AR sampler gathers the FSDP-split AR
-weights once per rollout, `mesh.gather_decode`), and the rollouts and evaluation run under
+weights once per rollout, `mesh.gather_decode`, the DiT's sampling loops the DiT's, `mesh.gather_dit`, and an
+update its frozen weights (the LoRA base), `mesh.gather_frozen`), and the rollouts and evaluation run under
 the mesh as one computation split over its batch axes; checkpoints restore into the current layout (also another
 device count). Several processes (`python -m glm_jax.launch`, SLURM, `JAX_*` variables; `distributed.initialize`
 runs first): each loads its own `groups_per_step / processes` prompts with their targets, every process builds
@@ -293,12 +294,12 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
             specs[part] = T.ArSpec(graphdef, tx, T.ArLossConfig(
                 n_codes=stack.n_codes, eos_id=stack.eos_id, sampling=sampling, eps_low=cfg.ar.epsilon,
                 eps_high=cfg.ar.epsilon_high, loss_type=cfg.ar.loss_type, beta=cfg.ar.beta,
-                micro_batch=cfg.train.micro_batch))
+                micro_batch=cfg.train.micro_batch, gather_frozen=cfg.mesh.gather_frozen))
         else:
             specs[part] = T.DitSpec(graphdef, tx, T.DitLossConfig(
                 clip_range=cfg.dit.clip_range, adv_clip=cfg.reward.adv_clip, beta=cfg.dit.beta,
                 kernel=cfg.dit.kernel, guidance=cfg.dit.guidance, micro_batch=cfg.train.micro_batch,
-                micro_steps=cfg.dit.micro_steps))
+                micro_steps=cfg.dit.micro_steps, gather_frozen=cfg.mesh.gather_frozen))
         if cfg[part].beta > 0:
             if lora_cfg is not None:
                 from glm_jax.lora import adapters_off
@@ -519,7 +520,7 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
                                               gather=cfg.mesh.gather_decode)
             imgs = R.render_tokens(dit, stack.vae, tokens, prep.arp.layout, prep.glyph, prep.neg,
                                    jax.random.fold_in(root, 1), ids, sched, height=H, width=W,
-                                   guidance=cfg.log.eval_guidance, ref_kv=prep.ref_kv)
+                                   guidance=cfg.log.eval_guidance, ref_kv=prep.ref_kv, gather=cfg.mesh.gather_dit)
         images.append(distributed.own_rows(imgs, batch.rows))        # this process's rows (padding included)
         valid.append(np.asarray(batch.valid))
         prompts += list(batch.prompts)
@@ -762,11 +763,11 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     sampling = make_sampling(cfg, stack)
     ar_rcfg = R.ArRolloutConfig(group_size=cfg.ar.group_size, sampling=sampling, decode_steps=cfg.ar.decode_steps,
                                 decode_guidance=cfg.ar.decode_guidance, same_latent=True,
-                                gather_weights=cfg.mesh.gather_decode)
+                                gather_weights=cfg.mesh.gather_decode, gather_dit=cfg.mesh.gather_dit)
     dit_rcfg = R.DitRolloutConfig(group_size=cfg.dit.group_size, num_steps=cfg.dit.num_steps,
                                   noise_level=cfg.dit.noise_level, kernel=cfg.dit.kernel,
                                   sde_window=cfg.dit.sde_window, timestep_fraction=cfg.dit.timestep_fraction,
-                                  guidance=cfg.dit.guidance)
+                                  guidance=cfg.dit.guidance, gather_weights=cfg.mesh.gather_dit)
     guidance_needed = (use_ar and cfg.ar.decode_guidance > 1) or (use_dit and cfg.dit.guidance > 1)
     n_img = (H // 16) * (W // 16)
     history: list[dict] = []

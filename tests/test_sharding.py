@@ -11,6 +11,7 @@ subprocess (the other tests are skipped in a process with fewer devices).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -186,6 +187,38 @@ def test_update_is_the_same_on_every_mesh(part, mesh_name):
         assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
     n_split = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(getattr(ts, part).params))
     assert (n_split == 0) == (mesh_name == "data8")
+
+
+@needs8
+def test_lora_update_gathers_the_frozen_base_once():
+    """A LoRA update under an fsdp mesh gathers the frozen base weights once before its micro-batch scan
+    (`gather_frozen`, `mesh.gather_frozen`), not at all with it off, and both give the same update."""
+    from glm_jax.lora import LoraConfig, add_lora, lora_trainable
+    spec0, _, batch, _ = dit_case()
+    _, module = build(DIT_SLOT, 2)
+    add_lora(module, LoraConfig(rank=4, alpha=4.0), rngs=nnx.Rngs(1))
+    graphdef, policy = T.init_policy(module, tx(), lora_trainable)
+    ts0 = T.init_train_state(jax.random.key(0), dit=policy)
+    mesh = S.make_mesh(MESHES["data2_fsdp4"])
+    frozen_split = [x for x in jax.tree.leaves(S.shard_train_state(copy_tree(ts0), mesh).dit.frozen)
+                    if "fsdp" in str(x.sharding.spec)]
+    assert len(frozen_split) > 5
+    shapes = {tuple(x.shape) for x in frozen_split}
+    results = []
+    for gather in (True, False):
+        spec = T.DitSpec(graphdef, tx(), dataclasses.replace(spec0.loss, gather_frozen=gather))
+        ts = S.shard_train_state(copy_tree(ts0), mesh)
+        with jax.set_mesh(mesh):
+            n = gathered_outside_loops(shapes, lambda: T.dit_update_step(spec, ts, batch)[1]["loss"])
+        assert (n >= len(frozen_split)) if gather else (n == 0), (gather, n)
+        ts, m = S.ShardedUpdate("dit", spec, mesh, ts).update(ts, batch)
+        results.append((float(m["loss"]), host(ts.dit.params)))
+    p0 = host(ts0.dit.params)
+    upd = [[x - x0 for x, x0 in zip(r[1], p0, strict=True)] for r in results]
+    scale = max(np.abs(u).max() for u in upd[1])
+    assert scale > 0                                                              # the adapters moved
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(*upd, strict=True)) <= 1e-4 * scale
 
 
 # -------------------------------------------------------------------------------------------- mesh, rules
@@ -464,6 +497,57 @@ def test_decode_weights_are_gathered_over_fsdp_only():
         toks = [R.sample_group_tokens(stack.ar, arp, jax.random.key(0), np.arange(8), SamplingParams(top_k=stack.n_codes),
                                       n_codes=stack.n_codes, eos_id=stack.eos_id, gather=g)[0] for g in (True, False)]
     np.testing.assert_array_equal(np.asarray(toks[0]), np.asarray(toks[1]))
+
+
+def gathered_outside_loops(shapes: set, fn) -> int:
+    """How many sharding constraints without `fsdp` the program of `fn()` applies, outside any loop, to arrays
+    of the given shapes (those of fsdp-split weights): the weights gathered once before a loop."""
+    count = 0
+
+    def walk(jaxpr):
+        nonlocal count
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "sharding_constraint":
+                if tuple(eqn.invars[0].aval.shape) in shapes and "fsdp" not in str(eqn.params["sharding"].spec):
+                    count += 1
+            elif eqn.primitive.name not in ("while", "scan"):
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+    walk(jax.make_jaxpr(fn)().jaxpr)
+    return count
+
+
+@needs8
+def test_dit_sampling_loops_gather_the_weights_once():
+    """The DiT's SDE rollout and ODE render under an fsdp mesh constrain every fsdp-split DiT weight to a sharding
+    without `fsdp` before their sampling loop (`gather=True`, `mesh.gather_dit`), and not with it off."""
+    from glm_jax.grpo import rollout as R
+    from glm_jax.pipeline import GlmImageStack, ar_prompts_from_batch, glyph_conditions
+    from glm_jax.tiny import tiny_checkpoint
+    mesh = S.make_mesh(MESHES["data2_fsdp4"])
+    stack = GlmImageStack.load(tiny_checkpoint(seed=3), mesh=mesh)
+    split = [x for x in jax.tree.leaves(stack.dit[1]) if "fsdp" in str(x.sharding.spec)]
+    assert len(split) > 10
+    split_shapes = {tuple(x.shape) for x in split}
+    prompts = ["a red cat", 'the word "OK"']
+    arp = ar_prompts_from_batch(stack.prompts.build_t2i(prompts, H, W))
+    glyph, neg = glyph_conditions(stack.t5, prompts, negative=False)
+    tokens = jnp.zeros((2, arp.layout.n_tokens), jnp.int32)
+
+    for gather in (True, False):
+        cfg = R.DitRolloutConfig(group_size=2, num_steps=4, sde_window=1, gather_weights=gather)
+        with jax.set_mesh(mesh):
+            sde = gathered_outside_loops(split_shapes, lambda: R.dit_group_rollout(stack.dit, stack.vae, tokens, arp.layout, glyph, neg,
+                                                       jax.random.key(1), cfg, stack.schedule(4, H, W), height=H,
+                                                       width=W).latents)
+            ode = gathered_outside_loops(split_shapes, lambda: R.render_tokens(stack.dit, stack.vae, jnp.repeat(tokens, 2, axis=0), arp.layout,
+                                                   jnp.repeat(glyph, 2, axis=0), None, jax.random.key(2),
+                                                   jnp.arange(4), stack.schedule(3, H, W), height=H, width=W,
+                                                   guidance=1.0, gather=gather))
+        if gather:
+            assert sde >= len(split) and ode >= len(split), (sde, ode, len(split))
+        else:
+            assert sde == 0 and ode == 0, (sde, ode)
 
 
 @needs8

@@ -76,7 +76,8 @@ def _rows(tree: Any, b: int, axis: int = 0) -> Any:
 @dataclass(frozen=True)
 class ArRolloutConfig:
     """AR rollout settings: `group_size` G, the sampler's policy, and the ODE render of the reward images
-    (`decode_steps`, `decode_guidance`, `same_latent`); `gather_weights`: see `sample_group_tokens`."""
+    (`decode_steps`, `decode_guidance`, `same_latent`); `gather_weights`: see `sample_group_tokens`;
+    `gather_dit`: the render's, see `render_tokens`."""
 
     group_size: int = 8
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -84,6 +85,7 @@ class ArRolloutConfig:
     decode_guidance: float = 1.5
     same_latent: bool = True
     gather_weights: bool = True
+    gather_dit: bool = True
 
 
 class ArGroupRollout(NamedTuple):
@@ -126,10 +128,10 @@ def sample_group_tokens(ar, prompts: ArPrompts, key: jax.Array, sample_ids: jax.
                           eos_id=int(eos_id), gather=bool(gather))
 
 
-@partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "layout", "height", "width"))
+@partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "layout", "height", "width", "gather"))
 def _render_jit(dit_graphdef, dit_state, tokens, glyph, neg, root, ids, sched, ref_kv, *, guidance, layout, height,
-                width):
-    dit = _merge(dit_graphdef, dit_state)
+                width, gather=True):
+    dit = _merge(dit_graphdef, gather_weights(dit_state) if gather else dit_state)
     b = tokens.shape[0]
     tokens, glyph, neg, ids, ref_kv = _rows((tokens, glyph, neg, ids, ref_kv), b)
     cond = flow.make_cond(glyph, prior_ids(tokens, layout), height, width,
@@ -184,16 +186,18 @@ class _Timer:
 
 def render_tokens(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.Array, neg_glyph: jax.Array | None,
                   root: jax.Array, latent_keys: jax.Array, sched: FlowSchedule, *, height: int, width: int,
-                  guidance: float, ref_kv: Any = None, timings: dict | None = None) -> jax.Array:
+                  guidance: float, ref_kv: Any = None, timings: dict | None = None, gather: bool = True) -> jax.Array:
     """uint8 images of AR tokens by the DiT ODE (prior ids, x_T, ODE in one jit; the VAE in another). x_T of row b
     is `normal(fold_in(root, latent_keys[b]))`. `ref_kv` (I2I): the sources' reference K/V with the batch of
     `tokens` (`repeat_rows`). `timings` (a dict) gets the seconds of the ODE (`time/render_s`) and the VAE
-    (`time/decode_s`) added."""
+    (`time/decode_s`) added. Under a mesh with `fsdp`, `gather` gathers the DiT's weights once before the ODE
+    loop rather than per layer at every step (`sharding.gather_weights`; `mesh.gather_dit` in the trainer's
+    config)."""
     timer = _Timer(timings)
     latents = timer("time/render_s", _render_jit(
         dit[0], dit[1], jnp.asarray(tokens), glyph, neg_glyph, root, jnp.asarray(latent_keys, jnp.int32),
         sched_arrays(sched), ref_kv, guidance=float(guidance), layout=layout, height=int(height),
-        width=int(width)))
+        width=int(width), gather=bool(gather)))
     return timer("time/decode_s", decode_latents(vae, latents))
 
 
@@ -222,7 +226,8 @@ def ar_group_rollout(ar, dit, vae, prompts: ArPrompts, glyph: jax.Array, neg_gly
     neg_b = None if neg_glyph is None else jnp.repeat(neg_glyph, g, axis=0)
     images = render_tokens(dit, vae, tokens, prompts.layout, glyph_b, neg_b, jax.random.fold_in(key, KEY_LATENT),
                            latent_ids(sample_ids, group_ids, cfg.same_latent), sched, height=height, width=width,
-                           guidance=cfg.decode_guidance, ref_kv=repeat_rows(ref_kv, g), timings=timings)
+                           guidance=cfg.decode_guidance, ref_kv=repeat_rows(ref_kv, g), timings=timings,
+                           gather=cfg.gather_dit)
     mask = jnp.broadcast_to(jnp.asarray(prompts.layout.loss_mask()), tokens.shape)
     return ArGroupRollout(rep, tokens, lps, mask, images, group_ids, sample_ids, glyph_b, neg_b)
 
@@ -234,7 +239,10 @@ def ar_group_rollout(ar, dit, vae, prompts: ArPrompts, glyph: jax.Array, neg_gly
 class DitRolloutConfig:
     """DiT rollout settings: `group_size` G, `num_steps` N, SDE `noise_level` / `kernel`, the SDE steps (a
     `timestep_fraction` f > 0: the first floor(N f) steps, at most N - 1; else a window of `sde_window` W
-    steps), CFG `guidance` (1 = off), and `same_latent` (x_T shared within a group; off by default)."""
+    steps), CFG `guidance` (1 = off), and `same_latent` (x_T shared within a group; off by default).
+    `gather_weights`: under a mesh with `fsdp`, the DiT's weights are gathered once before the sampling loop
+    (`sharding.gather_weights`, the DiT's full size on every device while it samples) instead of per layer at
+    every step (`mesh.gather_dit` in the trainer's config)."""
 
     group_size: int = 16
     num_steps: int = 10
@@ -244,6 +252,7 @@ class DitRolloutConfig:
     timestep_fraction: float = 0.0
     guidance: float = 1.0
     same_latent: bool = False
+    gather_weights: bool = True
 
     @property
     def num_sde_steps(self) -> int:
@@ -285,10 +294,10 @@ class DitGroupRollout(NamedTuple):
     noise_level: jax.Array
 
 
-@partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "kernel", "num_sde"))
+@partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "kernel", "num_sde", "gather"))
 def _sde_jit(dit_graphdef, dit_state, x_T, cond, sched, noise_root, sample_ids, noise_level, mask, *, guidance,
-             kernel, num_sde):
-    dit = _merge(dit_graphdef, dit_state)
+             kernel, num_sde, gather=True):
+    dit = _merge(dit_graphdef, gather_weights(dit_state) if gather else dit_state)
     b = x_T.shape[0]
     x_T, cond, sample_ids = _rows((x_T, cond, sample_ids), b)
     return _rows(flow.sde_sample(dit, x_T, cond, as_schedule(sched), noise_root, sample_ids, guidance=guidance,
@@ -324,7 +333,8 @@ def dit_group_rollout(dit, vae, tokens: jax.Array, layout: ArLayout, glyph: jax.
     level = jnp.asarray(cfg.noise_level, jnp.float32)
     out = timer("time/dit_sde_s", _sde_jit(dit[0], dit[1], x_T, cond, arrays, jax.random.fold_in(key, KEY_NOISE),
                                            sample_ids, level, mask, guidance=float(cfg.guidance),
-                                           kernel=cfg.kernel, num_sde=cfg.num_sde_steps))
+                                           kernel=cfg.kernel, num_sde=cfg.num_sde_steps,
+                                           gather=cfg.gather_weights))
     images = timer("time/decode_s", decode_latents(vae, out.latents))
     steps = jnp.broadcast_to(out.steps[None], (p * g, out.steps.shape[0]))
     return DitGroupRollout(out.x, out.x_next, steps, out.logprob, out.latents, images, group_ids, sample_ids,

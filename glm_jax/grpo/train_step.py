@@ -112,6 +112,18 @@ def policy_split(graphdef, policy: PolicyState):
     return graphdef, nnx.merge_state(policy.params, policy.frozen)
 
 
+def frozen_for_update(loss_cfg, frozen):
+    """The untrained part of a policy as the micro-batch scan uses it. Under a mesh with `fsdp` and
+    `loss_cfg.gather_frozen`, gathered once per update (`sharding.gather_weights`): for LoRA the frozen part is the
+    whole base model, which XLA would otherwise gather per layer in every micro-batch's forward and backward
+    (config `mesh.gather_frozen`; costs the frozen weights' full size per device during the update). The identity
+    without a mesh."""
+    if not loss_cfg.gather_frozen:
+        return frozen
+    from glm_jax.sharding import gather_weights
+    return gather_weights(frozen)
+
+
 def _merge(graphdef, params, frozen):
     return nnx.merge(graphdef, params, frozen)
 
@@ -123,7 +135,8 @@ def _merge(graphdef, params, frozen):
 class ArLossConfig:
     """Static AR loss settings: PPO clip `eps_low` / `eps_high` (None = eps_low), `loss_type`, `is_level`,
     `beta` (k3 KL weight), `delta` (two-sided clip), the sampler's policy (`sampling`, `n_codes`, `eos_id`),
-    the logits `chunk` of `score_tokens`, and `micro_batch` sequences per accumulation step (0 = all)."""
+    the logits `chunk` of `score_tokens`, `micro_batch` sequences per accumulation step (0 = all), and
+    `gather_frozen` (see `frozen_for_update`)."""
 
     n_codes: int
     eos_id: int
@@ -136,6 +149,7 @@ class ArLossConfig:
     delta: float | None = None
     chunk: int = 128
     micro_batch: int = 0
+    gather_frozen: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,8 @@ class DitLossConfig:
     """Static DiT loss settings: `clip_range`, `adv_clip`, `beta` (Flow-GRPO KL weight), the SDE `kernel`,
     CFG `guidance` (as in the rollout), and the accumulation unit: `micro_batch` samples (0 = all) times
     `micro_steps` of each sample's J trained steps (0 = all J) per micro-batch. At 1024² one trained step of
-    one sample is one DiT forward + backward, so `micro_steps=1` bounds the memory whatever the SDE window."""
+    one sample is one DiT forward + backward, so `micro_steps=1` bounds the memory whatever the SDE window.
+    `gather_frozen`: see `frozen_for_update`."""
 
     clip_range: float = 1e-4
     adv_clip: float | None = 5.0
@@ -152,6 +167,7 @@ class DitLossConfig:
     guidance: float = 1.0
     micro_batch: int = 0
     micro_steps: int = 0
+    gather_frozen: bool = True
 
 
 @dataclass(frozen=True)
@@ -327,7 +343,7 @@ def ar_grads(spec: ArSpec, policy: PolicyState, batch: ArBatch, ref_params=None)
     b = batch.tokens.shape[0]
     m = _n_micro(b, spec.loss.micro_batch)
     norm = _ar_norm(spec, batch)
-    loss_fn = partial(_ar_loss, spec, policy.frozen, ref_params, norm)
+    loss_fn = partial(_ar_loss, spec, frozen_for_update(spec.loss, policy.frozen), ref_params, norm)
     loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, _ar_micro_xs(batch, m, ref_params), m)
     metrics = {"loss": loss, **_reduce_metrics(stacked)}
     if batch.sampler_logprobs is not None:
@@ -354,7 +370,7 @@ def ar_old_logprobs(spec: ArSpec, ts: TrainState, batch: ArBatch) -> jax.Array:
     m = _n_micro(b, spec.loss.micro_batch)
     norm = _ar_norm(spec, batch)
     spec_nokl = ArSpec(spec.graphdef, spec.tx, _replace(spec.loss, beta=0.0))
-    fn = partial(_ar_loss, spec_nokl, policy.frozen, None, norm, policy.params)
+    fn = partial(_ar_loss, spec_nokl, frozen_for_update(spec.loss, policy.frozen), None, norm, policy.params)
     _, lp = jax.lax.map(lambda mb: fn(mb)[1], _ar_micro_xs(batch._replace(old_logprobs=None), m, None))
     return _from_micro(lp)
 
@@ -440,7 +456,8 @@ def dit_grads(spec: DitSpec, policy: PolicyState, batch: DitBatch, ref_params=No
     `dit_update_step`."""
     b, j = batch.steps.shape
     m, micro, norm, sched = _dit_prepare(spec, batch)
-    loss_fn = partial(_dit_loss, spec, policy.frozen, ref_params, sched, batch.noise_level, norm)
+    loss_fn = partial(_dit_loss, spec, frozen_for_update(spec.loss, policy.frozen), ref_params, sched,
+                      batch.noise_level, norm)
     loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, micro, m)
     metrics = {"loss": loss, **_reduce_metrics(stacked)}
     if batch.sampler_logprobs is not None:
@@ -464,7 +481,8 @@ def dit_old_logprobs(spec: DitSpec, ts: TrainState, batch: DitBatch) -> jax.Arra
     b, j = batch.steps.shape
     spec_nokl = DitSpec(spec.graphdef, spec.tx, _replace(spec.loss, beta=0.0))
     _, micro, norm, sched = _dit_prepare(spec_nokl, batch._replace(old_logprobs=None))
-    fn = partial(_dit_loss, spec_nokl, policy.frozen, None, sched, batch.noise_level, norm, policy.params)
+    fn = partial(_dit_loss, spec_nokl, frozen_for_update(spec.loss, policy.frozen), None, sched, batch.noise_level,
+                 norm, policy.params)
     _, lp = jax.lax.map(lambda it: fn(it)[1], micro)
     return _from_micro(lp).reshape(b, j)
 
