@@ -13,13 +13,12 @@ fine-tuning with `--lora 0`; remat `dots`; micro-batches of one trained SDE step
 `--prompts-per-device x devices`, so each GPU does the same work at every scale; images/s per GPU is the weak
 scaling measure (efficiency = images/s per GPU on N / on 1). Reports the median of 2 iterations after the first
 (compile), the time per phase and peak memory per device; process 0 writes `$OUT/scaling_gpu_<tag>.json`.
+JAX's default memory preallocation is kept, as in `glm_jax.train`: with `XLA_PYTHON_CLIENT_PREALLOCATE=false`
+the LoRA update's 32.8 GiB of temporaries could not be placed after the AR sample (fragmentation, on 2 and 4
+H100s). `--gather-dit 0` / `--gather-frozen 0` turn off `mesh.gather_dit` / `mesh.gather_frozen`.
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
 import time

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -209,7 +210,7 @@ def test_lora_update_gathers_the_frozen_base_once():
         spec = T.DitSpec(graphdef, tx(), dataclasses.replace(spec0.loss, gather_frozen=gather))
         ts = S.shard_train_state(copy_tree(ts0), mesh)
         with jax.set_mesh(mesh):
-            n = gathered_outside_loops(shapes, lambda: T.dit_update_step(spec, ts, batch)[1]["loss"])
+            n = gathered_outside_loops(shapes, partial(T.dit_update_step, spec, ts, batch))
         assert (n >= len(frozen_split)) if gather else (n == 0), (gather, n)
         ts, m = S.ShardedUpdate("dit", spec, mesh, ts).update(ts, batch)
         results.append((float(m["loss"]), host(ts.dit.params)))
@@ -536,18 +537,17 @@ def test_dit_sampling_loops_gather_the_weights_once():
 
     for gather in (True, False):
         cfg = R.DitRolloutConfig(group_size=2, num_steps=4, sde_window=1, gather_weights=gather)
+        sde = partial(R.dit_group_rollout, stack.dit, stack.vae, tokens, arp.layout, glyph, neg, jax.random.key(1),
+                      cfg, stack.schedule(4, H, W), height=H, width=W)
+        ode = partial(R.render_tokens, stack.dit, stack.vae, jnp.repeat(tokens, 2, axis=0), arp.layout,
+                      jnp.repeat(glyph, 2, axis=0), None, jax.random.key(2), jnp.arange(4), stack.schedule(3, H, W),
+                      height=H, width=W, guidance=1.0, gather=gather)
         with jax.set_mesh(mesh):
-            sde = gathered_outside_loops(split_shapes, lambda: R.dit_group_rollout(stack.dit, stack.vae, tokens, arp.layout, glyph, neg,
-                                                       jax.random.key(1), cfg, stack.schedule(4, H, W), height=H,
-                                                       width=W).latents)
-            ode = gathered_outside_loops(split_shapes, lambda: R.render_tokens(stack.dit, stack.vae, jnp.repeat(tokens, 2, axis=0), arp.layout,
-                                                   jnp.repeat(glyph, 2, axis=0), None, jax.random.key(2),
-                                                   jnp.arange(4), stack.schedule(3, H, W), height=H, width=W,
-                                                   guidance=1.0, gather=gather))
+            n_sde, n_ode = (gathered_outside_loops(split_shapes, f) for f in (sde, ode))
         if gather:
-            assert sde >= len(split) and ode >= len(split), (sde, ode, len(split))
+            assert n_sde >= len(split) and n_ode >= len(split), (n_sde, n_ode, len(split))
         else:
-            assert sde == 0 and ode == 0, (sde, ode)
+            assert n_sde == 0 and n_ode == 0, (n_sde, n_ode)
 
 
 @needs8
