@@ -61,6 +61,14 @@ def _params(work, step: int) -> np.ndarray:
     return np.concatenate([np.asarray(v, np.float64).ravel() for _, v in leaves])
 
 
+# Tolerance on the trained params against the one-device run. The rollouts agree to ~1e-7, but the reward images
+# are uint8: a pixel that rounds the other way moves a reward by ~1e-6 against within-group spreads of ~2e-3, so
+# advantages differ by ~3e-5 relative, and Adam's first steps (about lr * sign(g)) can flip on near-zero gradient
+# coordinates. Measured: 2.5e-6 / 1.1e-5 after steps 1 / 2 (4e-8 / 4e-7 with another compilation of the same
+# rollout); a wrong update (a dropped micro-batch, a wrong shard) differs by the size of a step, 2.4e-2.
+TOL = 1e-4
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -115,9 +123,9 @@ def test_fsdp_mesh_trains_as_one_device(runs):
     assert err.count("mesh: data=1 x fsdp=4 x tensor=1 over 4 devices") == 2
     assert "resumed from" in err and "at step 1" in err and "step 2/2" in err
     ref1, ref2 = _params(single, 1), _params(single, 2)
-    assert _rel(ref1, ref2) > 1e-3          # the second update moves the params far more than the tolerance
-    assert _rel(_params(sharded, 1), ref1) < 1e-5
-    assert _rel(_params(sharded, 2), ref2) < 1e-5      # after a restore into the sharded state
+    assert _rel(ref1, ref2) > 100 * TOL     # the second update moves the params far more than the tolerance
+    assert _rel(_params(sharded, 1), ref1) < TOL
+    assert _rel(_params(sharded, 2), ref2) < TOL      # after a restore into the sharded state
 
 
 def test_two_processes_train_as_one_device(runs):
@@ -125,8 +133,8 @@ def test_two_processes_train_as_one_device(runs):
     assert log.count("mesh: data=1 x fsdp=2 x tensor=1 over 2 devices of 2 processes") == 2, log[-3000:]
     assert log.count("resumed from") == 1 and "step 2/2" in log      # process 0 logs, process 1 is quiet
     ref1, ref2 = _params(single, 1), _params(single, 2)
-    assert _rel(_params(multi, 1), ref1) < 1e-5
-    assert _rel(_params(multi, 2), ref2) < 1e-5
+    assert _rel(_params(multi, 1), ref1) < TOL
+    assert _rel(_params(multi, 2), ref2) < TOL
 
 
 def test_mesh_errors_are_one_line():
