@@ -20,19 +20,19 @@ gpus() { local IFS=,; echo "${VIS[*]:$1:$2}"; }   # gpus FIRST COUNT: the visibl
 export CUDA_VISIBLE_DEVICES=$(gpus 0 "$N")      # the first N visible GPUs
 weak_small() {
     local first=0 n=1 pids=()
-    while [ $n -lt "$N" ]; do
+    weak_on() {   # weak_on FIRST COUNT TAG: one weak-scaling run on those GPUs, in the background unless SERIAL=1
         if [ "${SERIAL:-0}" = 1 ]; then
-            CUDA_VISIBLE_DEVICES=$(gpus $first $n) run weak_$n 500 python -m benchmarks.scaling_gpu --tag weak_$n
+            CUDA_VISIBLE_DEVICES=$(gpus $1 $2) run $3 500 python -m benchmarks.scaling_gpu --tag $3
         else
-            CUDA_VISIBLE_DEVICES=$(gpus $first $n) run weak_$n 500 python -m benchmarks.scaling_gpu --tag weak_$n &
+            CUDA_VISIBLE_DEVICES=$(gpus $1 $2) run $3 500 python -m benchmarks.scaling_gpu --tag $3 &
             pids+=($!)
         fi
+    }
+    while [ $n -lt "$N" ]; do
+        weak_on $first $n weak_$n
         first=$((first + n)); n=$((n * 2))
     done
-    if [ "${SERIAL:-0}" != 1 ] && [ $first -lt "$N" ]; then
-        CUDA_VISIBLE_DEVICES=$(gpus $first 1) run weak_1b 500 python -m benchmarks.scaling_gpu --tag weak_1b &
-        pids+=($!)
-    fi
+    [ "${SERIAL:-0}" != 1 ] && [ $first -lt "$N" ] && weak_on $first 1 weak_1b
     [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 }
 for stage in "$@"; do

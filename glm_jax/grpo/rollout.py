@@ -58,6 +58,12 @@ def _merge(graphdef, state):
     return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
 
 
+def _sampler(graphdef, state, gather: bool):
+    """The module of a sampling loop: its FSDP-split weights gathered once before the loop when `gather`
+    (`sharding.gather_weights`; the identity without a mesh)."""
+    return _merge(graphdef, gather_weights(state) if gather else state)
+
+
 def _rows(tree: Any, b: int, axis: int = 0) -> Any:
     """The arrays of `tree` whose dimension `axis` has the batch size `b`, pinned to the batch axes of the mesh
     (`sharding.constrain`; the identity without a mesh): the rollouts' explicit input and output shardings."""
@@ -107,7 +113,7 @@ class ArGroupRollout(NamedTuple):
 @partial(jax.jit, static_argnames=("graphdef", "params", "n_codes", "eos_id", "gather"))
 def _ar_sample_jit(graphdef, state, input_ids, attention_mask, position_ids, decode_positions, keys, *, params,
                    n_codes, eos_id, gather=True):
-    model = _merge(graphdef, gather_weights(state) if gather else state)
+    model = _sampler(graphdef, state, gather)
     b, length = input_ids.shape
     input_ids, attention_mask, keys = _rows((input_ids, attention_mask, keys), b)
     position_ids, decode_positions = _rows((position_ids, decode_positions), b, axis=1)
@@ -131,7 +137,7 @@ def sample_group_tokens(ar, prompts: ArPrompts, key: jax.Array, sample_ids: jax.
 @partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "layout", "height", "width", "gather"))
 def _render_jit(dit_graphdef, dit_state, tokens, glyph, neg, root, ids, sched, ref_kv, *, guidance, layout, height,
                 width, gather=True):
-    dit = _merge(dit_graphdef, gather_weights(dit_state) if gather else dit_state)
+    dit = _sampler(dit_graphdef, dit_state, gather)
     b = tokens.shape[0]
     tokens, glyph, neg, ids, ref_kv = _rows((tokens, glyph, neg, ids, ref_kv), b)
     cond = flow.make_cond(glyph, prior_ids(tokens, layout), height, width,
@@ -297,7 +303,7 @@ class DitGroupRollout(NamedTuple):
 @partial(jax.jit, static_argnames=("dit_graphdef", "guidance", "kernel", "num_sde", "gather"))
 def _sde_jit(dit_graphdef, dit_state, x_T, cond, sched, noise_root, sample_ids, noise_level, mask, *, guidance,
              kernel, num_sde, gather=True):
-    dit = _merge(dit_graphdef, gather_weights(dit_state) if gather else dit_state)
+    dit = _sampler(dit_graphdef, dit_state, gather)
     b = x_T.shape[0]
     x_T, cond, sample_ids = _rows((x_T, cond, sample_ids), b)
     return _rows(flow.sde_sample(dit, x_T, cond, as_schedule(sched), noise_root, sample_ids, guidance=guidance,

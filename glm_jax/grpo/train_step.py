@@ -53,6 +53,7 @@ from glm_jax.grpo.losses import (
 from glm_jax.sampling.ar_sampler import SamplingParams, score_tokens
 from glm_jax.sampling.flow import FlowCond, step_logprob
 from glm_jax.sampling.schedule import FlowSchedule
+from glm_jax.sharding import gather_weights
 
 Metrics = dict[str, jax.Array]
 sg = jax.lax.stop_gradient
@@ -118,10 +119,7 @@ def frozen_for_update(loss_cfg, frozen):
     whole base model, which XLA would otherwise gather per layer in every micro-batch's forward and backward
     (config `mesh.gather_frozen`; costs the frozen weights' full size per device during the update). The identity
     without a mesh."""
-    if not loss_cfg.gather_frozen:
-        return frozen
-    from glm_jax.sharding import gather_weights
-    return gather_weights(frozen)
+    return gather_weights(frozen) if loss_cfg.gather_frozen else frozen
 
 
 def _merge(graphdef, params, frozen):
