@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import SMOKE, device_info, jax_sync, random_module, timeit, write_result
+from benchmarks.common import SMOKE, back_to_back, device_info, jax_sync, random_module, timeit, write_result
 from benchmarks.real_configs import DIT_CONFIG
 from glm_jax.models.dit import DiTConfig, GlmImageDiT, dit_flops
 
@@ -56,6 +56,9 @@ def main():
                          "(read while tracing; names starting with xla_ are passed to the compiler as XLA options "
                          "instead) and time them interleaved in --rounds rounds, in one process")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pipelined", type=int, default=0,
+                    help="with --variants: also time N steps dispatched back to back (one wait at the end, as a "
+                         "training loop runs them) in each round, next to the steps waited on one by one")
     ap.add_argument("--glyph", type=int, default=None, help="glyph tokens (default 256; e.g. 251 for a stream "
                     "length the DiT pads for its GPU kernels)")
     ap.add_argument("--compare", action="store_true", help="with --variants: max relative difference of each "
@@ -203,13 +206,21 @@ def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
         for name, fn in compiled.items():
             t = timeit(lambda: fn(*inputs), sync=jax_sync, iters=a.iters)["median_s"]
             out[name]["median_s"].append(t)
+            if a.pipelined:
+                out[name].setdefault("pipelined_s", []).append(back_to_back(fn, *inputs, calls=a.pipelined, runs=3))
         log(f"round {r}: " + ", ".join(f"{n} {out[n]['median_s'][-1]:.4f}s" for n in compiled))
+        if a.pipelined:
+            log(f"round {r}, {a.pipelined} steps back to back: "
+                + ", ".join(f"{n} {out[n]['pipelined_s'][-1]:.4f}s" for n in compiled))
     for name, v in out.items():
         if name.startswith("_"):
             continue
         v["best_median_s"] = min(v["median_s"])
         v["mean_median_s"] = float(np.mean(v["median_s"]))
         v["mfu"] = flops / v["mean_median_s"] / PEAK
+        if "pipelined_s" in v:
+            v["mean_pipelined_s"] = float(np.mean(v["pipelined_s"]))
+            log(f"{name}: {a.pipelined} back to back, mean {v['mean_pipelined_s']:.4f}s per step")
         log(f"{name}: mean {v['mean_median_s']:.4f}s, best {v['best_median_s']:.4f}s, MFU {v['mfu']:.1%}")
     return out
 
