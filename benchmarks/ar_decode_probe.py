@@ -2,7 +2,7 @@
 
 Times a jitted loop of decode steps over a 1408-slot cache, as (t(N2) - t(N1)) / (N2 - N1) with a dynamic trip
 count (one compile per variant and batch), for the decode-attention implementations, a fused q/k/v matmul and
-the full sampling step (top-p sort + categorical) against greedy argmax. Run it once per XLA_FLAGS setting:
+the full sampling step (top-p sort + categorical; `sample16`: on the head's bf16 logits) against greedy argmax. Run it once per XLA_FLAGS setting:
 
     XLA_FLAGS=... python -m benchmarks.ar_decode_probe --tag default --variants einsum,cudnn,sample
 """
@@ -76,6 +76,7 @@ def main():
         set_variant(model, base, impl)
         graphdef, state = nnx.split(model)
         sample = variant.startswith("sample")
+        fp32 = variant != "sample16"   # sample16: the head's bf16 logits into the processing (a 16-bit sort)
 
         @jax.jit
         def loop(state, ids, n_steps, key):
@@ -83,7 +84,7 @@ def main():
             b = ids.shape[0]
             pos = jnp.broadcast_to(jnp.arange(P)[None, None], (3, b, P))
             cache = m.init_cache(b, S)
-            logits, cache = m.prefill(ids, pos, None, cache)
+            logits, cache = m.prefill(ids, pos, None, cache, fp32=fp32)
 
             def body(i, carry):
                 logits, cache, acc = carry
@@ -94,7 +95,7 @@ def main():
                 else:
                     tok = jnp.argmax(logits, -1).astype(jnp.int32)
                 p = jnp.full((3, b), P + i, jnp.int32)
-                logits, cache = m.decode(tok, p, cache, P + i)
+                logits, cache = m.decode(tok, p, cache, P + i, fp32=fp32)
                 return logits, cache, acc + tok
             _, _, acc = jax.lax.fori_loop(0, n_steps, body, (logits, cache, jnp.zeros((b,), jnp.int32)))
             return acc

@@ -109,6 +109,24 @@ def test_processed_logprobs_equal_hf_warpers(p, masked):
     assert np.all(np.isneginf(lq[~valid]))
 
 
+@pytest.mark.parametrize("p", [SamplingParams(), SamplingParams(temperature=0.7, top_k=40, top_p=0.9),
+                               SamplingParams(temperature=1.0, top_k=None, top_p=0.5)])
+def test_16bit_logits_are_processed_exactly_as_their_fp32_values(p):
+    """bf16 logits (as the model's head gives them) take a cheaper path: their own values are sorted instead of the
+    fp32 masked-temperature logits. The log-probs must be bit for bit those of the same values given in fp32,
+    with many ties (bf16 has 8 significant bits) and a lattice row whose tied groups straddle the boundary."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((64, 1024)) * rng.uniform(0.5, 6.0, (64, 1))
+    logits[:8] = rng.integers(0, 7, (8, 1024)) * 0.5
+    logits = jnp.asarray(logits, jnp.bfloat16)
+    valid = jnp.asarray(rng.random(1024) < 0.9)
+    got = np.asarray(processed_logprobs(logits, valid, p))
+    want = np.asarray(processed_logprobs(logits.astype(jnp.float32), valid, p))
+    np.testing.assert_array_equal(got, want)
+    kept = np.isfinite(got)
+    assert 1 <= kept.sum(-1).min() and kept.sum(-1).max() < valid.sum()   # the nucleus really cuts
+
+
 def test_nucleus_boundary_ties(monkeypatch):
     """Logits on a coarse lattice, so groups of equal values straddle the top-p boundary. transformers' default
     (unstable) sort keeps the same number of tied tokens with the same probabilities; with a stable sort the kept

@@ -465,9 +465,12 @@ class GlmImageAR(nnx.Module):
 
     # -- full sequence --------------------------------------------------------------------------------------
 
-    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        """fp32 logits over the image-code vocabulary from final hidden states."""
-        return self.lm_head(hidden_BTD).astype(jnp.float32)
+    def logits(self, hidden_BTD: jax.Array, fp32: bool = True) -> jax.Array:
+        """Logits over the image-code vocabulary from final hidden states: fp32, or with `fp32=False` in the
+        head's compute dtype (the same values before the cast; e.g. bf16, which the sampler's processing sorts
+        faster)."""
+        out = self.lm_head(hidden_BTD)
+        return out.astype(jnp.float32) if fp32 else out
 
     def hidden_states(self, input_ids_BL: jax.Array, position_ids_3BL: jax.Array,
                       attention_mask_BL: jax.Array | None = None) -> jax.Array:
@@ -513,13 +516,15 @@ class GlmImageAR(nnx.Module):
         return h, cache
 
     def prefill(self, input_ids_BL: jax.Array, position_ids_3BL: jax.Array, attention_mask_BL: jax.Array | None,
-                cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Writes the prompt into slots 0..L-1 of `cache`; returns the last position's logits `[B, V]` (fp32)."""
+                cache: KVCache, fp32: bool = True) -> tuple[jax.Array, KVCache]:
+        """Writes the prompt into slots 0..L-1 of `cache`; returns the last position's logits `[B, V]` (fp32, or
+        in the head's dtype with `fp32=False`, see `logits`)."""
         h, cache = self.extend(input_ids_BL, position_ids_3BL, cache, 0, attention_mask_BL)
-        return self.logits(h[:, -1]), cache
+        return self.logits(h[:, -1], fp32), cache
 
-    def decode(self, token_B: jax.Array, position_ids_3B: jax.Array, cache: KVCache, index: jax.Array | int
-               ) -> tuple[jax.Array, KVCache]:
-        """One decode step: writes `token` at slot `index`, returns its next-token logits `[B, V]` (fp32)."""
+    def decode(self, token_B: jax.Array, position_ids_3B: jax.Array, cache: KVCache, index: jax.Array | int,
+               fp32: bool = True) -> tuple[jax.Array, KVCache]:
+        """One decode step: writes `token` at slot `index`, returns its next-token logits `[B, V]` (fp32, or in
+        the head's dtype with `fp32=False`)."""
         h, cache = self.extend(token_B[:, None], position_ids_3B[:, :, None], cache, index)
-        return self.logits(h[:, 0]), cache
+        return self.logits(h[:, 0], fp32), cache

@@ -154,12 +154,16 @@ def scaled_logits(logits: jax.Array, valid: jax.Array, params: SamplingParams) -
     return jnp.where(valid, z, -jnp.inf)
 
 
-def kept_mask(z: jax.Array, params: SamplingParams) -> jax.Array:
+def kept_mask(z: jax.Array, params: SamplingParams, order: jax.Array | None = None) -> jax.Array:
     """The kept set (bool `[..., V]`, no gradient) of top-k then top-p on masked-temperature logits `z`.
 
     One ascending sort of the values per row gives the k-th largest value and the nucleus boundary (the first kept
     sorted entry); a token is kept iff it is finite, >= the k-th value, and above the boundary value or equal to
     it with an index >= the boundary token's (stable-sort tie order).
+
+    `order`: where `z` came from 16-bit logits, `where(valid, logits, -inf)` in their dtype. That is sorted instead
+    and mapped as `scaled_logits` maps it (cast, then `/ temperature`), which gives the same sorted values
+    bit for bit: a sort of 16-bit keys costs half of a float32 one (`benchmarks/RESULTS.md`).
     """
     z = jax.lax.stop_gradient(z.astype(jnp.float32))
     vocab = z.shape[-1]
@@ -170,7 +174,12 @@ def kept_mask(z: jax.Array, params: SamplingParams) -> jax.Array:
     keep = jnp.isfinite(z)
     if not (use_k or use_p):
         return keep
-    s = jnp.sort(z, axis=-1)   # values only: the stable order of equal values is recovered below by index
+    if order is None:
+        s = jnp.sort(z, axis=-1)   # values only: the stable order of equal values is recovered below by index
+    else:   # the sorted 16-bit values mapped as `scaled_logits` maps them: the same sorted z, a cheaper sort
+        s = jnp.sort(jax.lax.stop_gradient(order), axis=-1).astype(jnp.float32)
+        if params.temperature != 1.0:
+            s = s / jnp.float32(params.temperature)
     if use_k:
         kth = s[..., vocab - top_k][..., None]
         keep &= z >= kth
@@ -194,7 +203,9 @@ def processed_and_temperature_logprobs(logits: jax.Array, valid: jax.Array, para
     """(log pi, log q) `[..., V]`: the processed policy and the smooth masked-temperature distribution, from the
     same z~ (the kept set is a stop-gradient boolean, so both are differentiable in the logits)."""
     z = scaled_logits(logits, valid, params)
-    lp = jax.nn.log_softmax(jnp.where(kept_mask(z, params), z, -jnp.inf), axis=-1)
+    # 16-bit logits are sorted as they are (same order and ties as z: the temperature is a positive scale)
+    order = jnp.where(valid, logits, -jnp.inf) if jnp.dtype(logits.dtype).itemsize == 2 else None
+    lp = jax.nn.log_softmax(jnp.where(kept_mask(z, params, order), z, -jnp.inf), axis=-1)
     return lp, jax.nn.log_softmax(z, axis=-1)
 
 
@@ -270,13 +281,14 @@ def sample_tokens(model, input_ids_BL: jax.Array, attention_mask_BL: jax.Array, 
         tok_B = jax.vmap(draw_token)(step_keys, lp_BV)
         return tok_B, _gather(lp_BV, tok_B)
 
-    logits, cache = model.prefill(input_ids_BL, position_ids_3BL, attention_mask_BL, cache)
+    # logits in the head's dtype: the processing casts them to fp32 itself and sorts 16-bit ones faster
+    logits, cache = model.prefill(input_ids_BL, position_ids_3BL, attention_mask_BL, cache, fp32=False)
     tok0, lp0 = draw(logits, 0)
 
     def body(carry, xs):
         cache, tok = carry
         n, pos_3B = xs  # produce token n: feed token n-1 at slot L+n-1 and its position
-        logits, cache = model.decode(tok, pos_3B, cache, length + n - 1)
+        logits, cache = model.decode(tok, pos_3B, cache, length + n - 1, fp32=False)
         tok_n, lp_n = draw(logits, n)
         if progress is not None and progress_every > 0:
             jax.lax.cond(n % progress_every == 0, lambda: jax.debug.callback(progress, n, n_tok),
@@ -368,7 +380,7 @@ def _chunked_token_scores(model, hidden_BMD: jax.Array, tokens_BM: jax.Array, va
     @jax.checkpoint
     def one(args):
         h_BcD, t_Bc = args
-        lp, lq = processed_and_temperature_logprobs(model.logits(h_BcD), valid_V, params)
+        lp, lq = processed_and_temperature_logprobs(model.logits(h_BcD, fp32=False), valid_V, params)
         return _gather(lp, t_Bc), _gather(lq, t_Bc)
 
     def unchunk(x):
