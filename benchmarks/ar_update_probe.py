@@ -1,10 +1,12 @@
-"""The AR GRPO update step with the processed policy's kept set from a sort against the sort-free search, in one
-process, timed round-robin: what the search saves inside the step (JAX only, random bf16 weights).
+"""The AR GRPO update step with the processed policy's kept set sorting the fp32 masked-temperature logits
+(`sort`) against sorting the head's bf16 logits (`sort16`, the default), in one process, timed round-robin
+(JAX only, random bf16 weights). Each variant replaces `ar_sampler.kept_mask` while its step is traced.
 
     python -m benchmarks.ar_update_probe [--layers 4] [--batch 32] [--micro 8] [--rounds 3]
 
 Same step as `benchmarks.train_gpu --part ar` (real width, reduced depth, 32 sequences of 62 prompt + 1280
-generated tokens at 1024², temperature 0.9, top-p 0.75, AdamW). Writes `$OUT/ar_update_probe.json`.
+generated tokens at 1024², AdamW; sampling as `glm_jax.train` does: temperature 0.9, top-k = the image codes,
+top-p 0.75). Writes `$OUT/ar_update_probe.json`.
 """
 
 from __future__ import annotations
