@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="also a kernel trace of one step of the default variant, "
+                    "summarised by kernel and category (`benchmarks.trace_summary`)")
     a = ap.parse_args()
     if SMOKE:
         from glm_jax.tiny import tiny_ar_config
@@ -78,8 +80,8 @@ def main():
     ts = T.init_train_state(jax.random.key(0), ar=pol)
     pol = None
     default = S.kept_mask
-    variants = {"sort": lambda z, params, order=None: S._kept_mask_sort(z, params),
-                "sort16": S._kept_mask_sort}     # the 16-bit logits sorted
+    variants = {"sort": lambda z, params, order=None: default(z, params),   # the fp32 values sorted
+                "sort16": default}                                           # the 16-bit logits sorted
     compiled = {}
     for name, impl in variants.items():
         S.kept_mask = impl          # read while the step is traced
@@ -108,6 +110,19 @@ def main():
         v["mfu"] = flops / v["mean_median_s"] / PEAK
         log(f"{name}: mean {v['mean_median_s']:.4f}s, MFU {v['mfu']:.1%}")
     res["variants"] = out
+    if a.profile:
+        import tempfile
+
+        from benchmarks.trace_summary import summarise
+        tdir = tempfile.mkdtemp(prefix="trace_ar_update_")
+        with jax.profiler.trace(tdir, create_perfetto_trace=True):
+            ts, m = compiled["sort16"](ts, batch)
+            jax_sync(m)
+        res["profile"] = summarise(tdir, top=40, steps=1)
+        for c, v in res["profile"]["categories"].items():
+            log(f"{c}: {v['us_per_step'] / 1e3:.1f} ms, {v['calls_per_step']:.0f} kernels")
+        for row in res["profile"]["top"][:15]:
+            log(f"  {row['us_per_step'] / 1e3:7.2f} ms  x{row['calls_per_step']:.0f}  {row['name'][:90]}")
     write_result("ar_update_probe", res)
 
 
