@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import SMOKE, ar_flops, device_info, jax_sync, random_module, write_result
+from benchmarks.common import SMOKE, ar_flops, device_info, jax_sync, prompts, random_module, write_result
 from benchmarks.real_configs import AR_CONFIG
 from glm_jax.grpo import optim as O
 from glm_jax.grpo import train_step as T
 from glm_jax.models.ar import ArConfig, GlmImageAR
-from glm_jax.pipeline import ar_prompts_from_ids, ar_token_ids
+from glm_jax.pipeline import ar_token_ids
 from glm_jax.sampling import ar_sampler as S
 
 PEAK = 989e12
@@ -54,11 +54,7 @@ def main():
     n_codes, eos = ar_token_ids(cfg)
     layout = S.ArLayout.t2i(size, size)
     rng = np.random.default_rng(0)
-    lo = cfg.text.vision_vocab_size
-    hi = lo + min(100_000, (cfg.text.vocab_size - lo) // 2)
-    seqs = [list(rng.integers(lo, hi, int(rng.integers(47, 64)))) + [cfg.image_start_token_id]
-            for _ in range(a.batch)]
-    p = ar_prompts_from_ids(seqs, [[[1, *layout.target], [1, *layout.preview]]] * a.batch, layout, cfg)
+    p = prompts(cfg, a.batch, layout, rng)
     n = layout.n_tokens
     tokens = np.concatenate([rng.integers(0, n_codes, (a.batch, n - 1)), np.full((a.batch, 1), eos)], 1)
     seq = p.input_ids.shape[1] + n - 2

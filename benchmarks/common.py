@@ -153,6 +153,18 @@ def write_result(name: str, result: dict) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
+def prompts(cfg, batch: int, layout, rng):
+    """Random AR text prompts of 47-63 tokens + the image-start token, left-padded, with the t2i `layout`'s grids
+    (`ArPrompts`)."""
+    from glm_jax.pipeline import ar_prompts_from_ids
+    lo = cfg.text.vision_vocab_size
+    hi = lo + min(100_000, (cfg.text.vocab_size - lo) // 2)   # plain text ids, clear of the special tokens
+    seqs = [list(rng.integers(lo, hi, int(rng.integers(47, 64))))
+            + [cfg.image_start_token_id] for _ in range(batch)]
+    grids = [[[1, *layout.target], [1, *layout.preview]]] * batch
+    return ar_prompts_from_ids(seqs, grids, layout, cfg)
+
+
 def ar_flops(cfg, tokens_per_seq: int, n_seq: int, weight_grads: bool = True) -> float:
     """Model FLOPs of one AR forward + backward over `n_seq` sequences: 6·N·tokens for the matmuls (4·N·tokens
     without weight gradients, e.g. LoRA on frozen kernels) plus the attention scores."""

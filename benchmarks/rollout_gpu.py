@@ -36,6 +36,7 @@ from benchmarks.common import (
     device_info,
     jax_sync,
     module_from_torch,
+    prompts,
     random_module,
     timeit,
     torch_device,
@@ -44,7 +45,7 @@ from benchmarks.common import (
 )
 from benchmarks.real_configs import AR_CONFIG, DIT_CONFIG, VAE_CONFIG
 from glm_jax.models.ar import ArConfig, GlmImageAR
-from glm_jax.pipeline import ar_prompts_from_ids, ar_token_ids, prior_ids
+from glm_jax.pipeline import ar_token_ids, prior_ids
 from glm_jax.sampling import flow
 from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_ar
 from glm_jax.sampling.schedule import flow_schedule
@@ -62,16 +63,6 @@ SAMPLING = SamplingParams(temperature=0.9, top_k=None, top_p=0.75)
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def prompts(cfg: ArConfig, batch: int, layout: ArLayout, rng):
-    """Random text prompts of 47-63 tokens + the image-start token, left-padded, with the 1024² grids."""
-    lo = cfg.text.vision_vocab_size
-    hi = lo + min(100_000, (cfg.text.vocab_size - lo) // 2)   # plain text ids, clear of the special tokens
-    seqs = [list(rng.integers(lo, hi, int(rng.integers(47, 64))))
-            + [cfg.image_start_token_id] for _ in range(batch)]
-    grids = [[[1, *layout.target], [1, *layout.preview]]] * batch
-    return ar_prompts_from_ids(seqs, grids, layout, cfg)
 
 
 def run_ar(res: dict, batches: list[int], with_torch: bool = True) -> None:

@@ -47,8 +47,8 @@ def main(argv=None):
     from flax import nnx
 
     from benchmarks.common import SMOKE, device_info, jax_sync, random_module, write_result
+    from benchmarks.common import prompts as random_prompts
     from benchmarks.real_configs import AR_CONFIG, DIT_CONFIG, VAE_CONFIG
-    from benchmarks.rollout_gpu import prompts as random_prompts
     from benchmarks.sharded_gpu import log, peaks, train_state
     from glm_jax import sharding as S
     from glm_jax.grpo import rollout as R

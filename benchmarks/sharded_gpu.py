@@ -120,9 +120,8 @@ def ar_case(a, mesh, n_dev):
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks.common import SMOKE, ar_flops
+    from benchmarks.common import SMOKE, ar_flops, prompts
     from benchmarks.real_configs import AR_CONFIG
-    from benchmarks.rollout_gpu import prompts
     from glm_jax.grpo import train_step as T
     from glm_jax.models.ar import ArConfig, GlmImageAR
     from glm_jax.pipeline import ar_token_ids

@@ -142,7 +142,7 @@ def run_dit(res: dict, policies: list[str]) -> None:
 
 def run_ar(res: dict, layers: int, batch: int, micro: int, policies: list[str]) -> None:
     from benchmarks.ar_gpu import build_torch
-    from benchmarks.rollout_gpu import prompts
+    from benchmarks.common import prompts
     from conversion.tables.ar import RULES
     from glm_jax.grpo import optim as O
     from glm_jax.grpo import train_step as T
