@@ -1,8 +1,13 @@
-"""The AR GRPO update step with the processed policy's kept set sorting the fp32 masked-temperature logits
-(`sort`) against sorting the head's bf16 logits (`sort16`, the default), in one process, timed round-robin
-(JAX only, random bf16 weights). Each variant replaces `ar_sampler.kept_mask` while its step is traced.
+"""The AR GRPO update step in variants that each replace one part of the model or sampler while the step is traced,
+compiled in one process and timed round-robin (JAX only, random bf16 weights):
 
-    python -m benchmarks.ar_update_probe [--layers 4] [--batch 32] [--micro 8] [--rounds 3]
+* `sort16` (the default code): the processed policy's kept set sorts the head's bf16 logits, the MLP's gated
+  activation has its hand-written backward pass (`ar.gated_activation`, one `[gate; up]` gradient array);
+* `sort`: the kept set sorts the fp32 masked-temperature logits instead;
+* `mlp_autodiff`: the MLP's `up * act(gate)` differentiated by JAX (the split's transpose: a concatenation).
+
+    python -m benchmarks.ar_update_probe [--variants sort16,mlp_autodiff] [--layers 4] [--batch 32] [--micro 8]
+        [--rounds 3] [--hlo-count wrapped_concatenate] [--hlo] [--profile]
 
 Same step as `benchmarks.train_gpu --part ar` (real width, reduced depth, 32 sequences of 62 prompt + 1280
 generated tokens at 1024², AdamW; sampling as `glm_jax.train` does: temperature 0.9, top-k = the image codes,
@@ -12,6 +17,7 @@ top-p 0.75). Writes `$OUT/ar_update_probe.json`.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -23,7 +29,7 @@ from benchmarks.common import SMOKE, ar_flops, device_info, jax_sync, prompts, r
 from benchmarks.real_configs import AR_CONFIG
 from glm_jax.grpo import optim as O
 from glm_jax.grpo import train_step as T
-from glm_jax.models.ar import ArConfig, GlmImageAR
+from glm_jax.models.ar import ArConfig, GlmImageAR, TextMLP
 from glm_jax.pipeline import ar_token_ids
 from glm_jax.sampling import ar_sampler as S
 
@@ -34,6 +40,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _autodiff_mlp(self, x):
+    gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    return self.down_proj(up * self.act(gate))
+
+
+_KEPT = S.kept_mask
+VARIANTS = {   # name: [(object, attribute, replacement)]
+    "sort16": [],
+    "sort": [(S, "kept_mask", lambda z, params, order=None: _KEPT(z, params))],
+    "mlp_autodiff": [(TextMLP, "__call__", _autodiff_mlp)],
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -41,8 +60,13 @@ def main():
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--profile", action="store_true", help="also a kernel trace of one step of the default variant, "
-                    "summarised by kernel and category (`benchmarks.trace_summary`)")
+    ap.add_argument("--variants", default="sort,sort16", help="comma-separated: " + ", ".join(VARIANTS))
+    ap.add_argument("--hlo-count", default="", help="log how often this word occurs in each variant's optimised HLO")
+    ap.add_argument("--hlo", action="store_true", help="write each variant's optimised HLO (gzip) to $OUT")
+    ap.add_argument("--profile", action="store_true", help="also a kernel trace of one step of the first variant, "
+                    "summarised by kernel and category (`benchmarks.trace_summary`), and its kernels in launch order "
+                    "(`$OUT/ar_update_probe_ops.tsv`: XLA instruction, kernel, microseconds; the instruction is "
+                    "recorded with `XLA_FLAGS=--xla_gpu_enable_command_buffer=`)")
     a = ap.parse_args()
     if SMOKE:
         from glm_jax.tiny import tiny_ar_config
@@ -75,17 +99,24 @@ def main():
                       arr(rng.standard_normal(a.batch).astype(np.float32)), jnp.ones((a.batch,), jnp.float32))
     ts = T.init_train_state(jax.random.key(0), ar=pol)
     pol = None
-    default = S.kept_mask
-    variants = {"sort": lambda z, params, order=None: default(z, params),   # the fp32 values sorted
-                "sort16": default}                                           # the 16-bit logits sorted
-    compiled = {}
-    for name, impl in variants.items():
-        S.kept_mask = impl          # read while the step is traced
+    compiled, hlo_count = {}, {}
+    for name in a.variants.split(","):
+        saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in VARIANTS[name]]
+        for obj, attr, value in VARIANTS[name]:
+            setattr(obj, attr, value)           # read while the step is traced
         t0 = time.time()
         compiled[name] = T.ar_update_jit.lower(spec, ts, batch).compile()
-        S.kept_mask = default
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
         jax.clear_caches()
         log(f"compiled {name} in {time.time() - t0:.0f}s")
+        if a.hlo:
+            import gzip
+            with gzip.open(os.path.join(os.environ.get("OUT", "out"), f"ar_update_probe_{name}.hlo.gz"), "wt") as f:
+                f.write(compiled[name].as_text())
+        if a.hlo_count:
+            hlo_count[name] = compiled[name].as_text().count(a.hlo_count)
+            log(f"{name}: {hlo_count[name]} x {a.hlo_count!r} in the optimised HLO")
     out = {name: {"median_s": []} for name in compiled}
     for name, fn in compiled.items():   # first steps (warm-up)
         ts, m = fn(ts, batch)
@@ -106,19 +137,24 @@ def main():
         v["mfu"] = flops / v["mean_median_s"] / PEAK
         log(f"{name}: mean {v['mean_median_s']:.4f}s, MFU {v['mfu']:.1%}")
     res["variants"] = out
+    if hlo_count:
+        res["hlo_count"] = {"word": a.hlo_count, **hlo_count}
     if a.profile:
         import tempfile
 
         from benchmarks.trace_summary import summarise
         tdir = tempfile.mkdtemp(prefix="trace_ar_update_")
         with jax.profiler.trace(tdir, create_perfetto_trace=True):
-            ts, m = compiled["sort16"](ts, batch)
+            ts, m = next(iter(compiled.values()))(ts, batch)
             jax_sync(m)
         res["profile"] = summarise(tdir, top=40, steps=1)
         for c, v in res["profile"]["categories"].items():
             log(f"{c}: {v['us_per_step'] / 1e3:.1f} ms, {v['calls_per_step']:.0f} kernels")
         for row in res["profile"]["top"][:15]:
             log(f"  {row['us_per_step'] / 1e3:7.2f} ms  x{row['calls_per_step']:.0f}  {row['name'][:90]}")
+        from benchmarks.trace_summary import op_sequence
+        with open(os.path.join(os.environ.get("OUT", "out"), "ar_update_probe_ops.tsv"), "w") as f:
+            f.writelines(f"{op}\t{k}\t{d:.1f}\n" for op, k, d in op_sequence(tdir))
     write_result("ar_update_probe", res)
 
 

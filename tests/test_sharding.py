@@ -613,11 +613,12 @@ def test_reward_set_on_several_devices_scores_as_one_call():
 
 
 @needs8
-def test_dit_kernels_run_per_device_under_a_mesh(monkeypatch):
-    """The DiT ops' Pallas kernels under a mesh that splits the samples run per device (`shard_map`; XLA does
-    not partition a Pallas call): a sub-layer built from all four ops gives the gradients of the one-device
-    plain-JAX formulas. The kernels run in Pallas' interpreter here (`GLM_JAX_DIT_KERNELS=interpret`)."""
-    from glm_jax.models import dit_ops
+def test_dit_and_ar_kernels_run_per_device_under_a_mesh(monkeypatch):
+    """The DiT ops' and the AR MLP's Pallas kernels under a mesh that splits the samples run per device
+    (`shard_map`; XLA does not partition a Pallas call): a sub-layer built from the four DiT ops and a gated MLP
+    gives the gradients of the one-device plain-JAX formulas. The kernels run in Pallas' interpreter here
+    (`GLM_JAX_DIT_KERNELS=interpret`, `GLM_JAX_AR_KERNELS=interpret`)."""
+    from glm_jax.models import ar_ops, dit_ops
     b, length, d, k, f, t = 8, 48, 256, 64, 512, 16
     r = np.random.default_rng(0)
     a = lambda *s, sc=1.0: jnp.asarray(r.standard_normal(s) * sc, jnp.float32)
@@ -626,25 +627,30 @@ def test_dit_kernels_run_per_device_under_a_mesh(monkeypatch):
     batched = dict(x=a(b, length, d) + 0.5, shift=a(b, 2, d, sc=0.3), scale=a(b, 2, d, sc=0.3), gate=a(b, 2, d),
                    cot=a(b, length, d))
     params = dict(bq=a(d, sc=0.3), w1=a(d, f, sc=d ** -0.5), b1=a(f, sc=0.3), w2=a(f, d, sc=f ** -0.5),
-                  b2=a(d, sc=0.3))
+                  b2=a(d, sc=0.3), wg=a(d, 128, sc=d ** -0.5), wd=a(64, d, sc=0.125))
 
     def loss(params, v):
         u, xr = dit_ops.modulate_split(v["x"], v["shift"], v["scale"], t)
         y = dit_ops.qk_norm_rope(u, params["bq"], cos, sin)
         h = dit_ops.bias_gelu(y @ params["w1"], params["b1"])
         out = dit_ops.gated_residual(xr, h @ params["w2"], params["b2"], v["gate"], t)
+        out = out + ar_ops.gated_activation(out @ params["wg"], jax.nn.silu) @ params["wd"]
         return jnp.vdot(out, v["cot"])
 
     grad = jax.grad(loss, argnums=(0, 1))
     monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "0")
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "0")
     ref = jax.jit(grad)(params, batched)
 
     monkeypatch.setenv("GLM_JAX_DIT_KERNELS", "interpret")
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
     mesh = S.make_mesh({"data": 2, "fsdp": 4})
     split = jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     v_sharded = {n: jax.device_put(x, split) for n, x in batched.items()}
     with jax.set_mesh(mesh):
         assert "pallas_call" in str(jax.make_jaxpr(grad)(params, v_sharded))
+        mlp = jax.grad(lambda w, x: jnp.sum(ar_ops.gated_activation(x @ w, jax.nn.silu)))
+        assert "pallas_call" in str(jax.make_jaxpr(mlp)(params["wg"], v_sharded["x"]))
         got = jax.jit(grad)(params, v_sharded)
     assert got[1]["x"].sharding.spec[0] is not None          # the input gradient stays split by samples
     for path, want in jax.tree_util.tree_leaves_with_path(ref):

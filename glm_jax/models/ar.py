@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glm_jax.models.ar_ops import gated_activation
 from glm_jax.models.layers import Dense, DType, RMSNorm, dtype_from_name, param
 from glm_jax.models.remat import layer_call
 from glm_jax.sharding import constrain, per_device, tensor_unsplit
@@ -338,8 +339,7 @@ class TextMLP(nnx.Module):
         self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), use_bias=False, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(up * self.act(gate))
+        return self.down_proj(gated_activation(self.gate_up_proj(x), self.act))
 
 
 class TextDecoderLayer(nnx.Module):

@@ -50,6 +50,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from glm_jax.models.layers import ln_stats
+from glm_jax.models.pallas_tiles import tile as _tile
+from glm_jax.models.pallas_tiles import tiled_call
 from glm_jax.sharding import per_device, tensor_unsplit
 
 LN_EPS = 1e-5
@@ -123,10 +125,6 @@ def kernel_length(length: int, d: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ Pallas kernels
-
-
-def _tile(ref, r0, c0, br, bc):
-    return ref[pl.ds(r0, br), pl.ds(c0, bc)].astype(jnp.float32)
 
 
 def _pick(ref, b, c0, txt, bc):
@@ -268,18 +266,10 @@ def _gelu_bwd_kernel(h_ref, bias_ref, g_ref, dh_ref, part_ref, *, ids=None, br, 
 
 
 def _call(kernel, ins, outs, grid, interpret):
-    """`grid = (row blocks, column blocks)`; launched column blocks first, so that neighbouring programs read
-    neighbouring tiles of the same rows."""
-    extra = {}
-    interpret = interpret or _interpret()
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        num_warps = int(os.environ.get("GLM_JAX_K_WARPS", "4"))
-        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    if os.environ.get("GLM_JAX_K_ORDER", "cols") == "rows":
-        return pl.pallas_call(kernel, grid=grid, out_shape=outs, interpret=interpret, **extra)(*ins)
-    swapped = lambda *refs: kernel(*refs, ids=(pl.program_id(1), pl.program_id(0)))
-    return pl.pallas_call(swapped, grid=grid[::-1], out_shape=outs, interpret=interpret, **extra)(*ins)
+    """`pallas_tiles.tiled_call` with the environment's tuning knobs (`GLM_JAX_K_WARPS`, `GLM_JAX_K_ORDER`)."""
+    return tiled_call(kernel, ins, outs, grid, interpret=interpret or _interpret(),
+                      num_warps=int(os.environ.get("GLM_JAX_K_WARPS", "4")),
+                      rows_first=os.environ.get("GLM_JAX_K_ORDER", "cols") == "rows")
 
 
 def _partials_to_streams(part: jax.Array, batch: int, k: int) -> jax.Array:

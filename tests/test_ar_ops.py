@@ -1,0 +1,92 @@
+"""The AR MLP's gated activation (`glm_jax.models.ar_ops`): the fused backward kernel (Pallas' interpreter on CPU,
+compiled on a GPU) against autodiff of the plain formula and against torch autograd in bf16."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from glm_jax.models import ar_ops
+from tests.util import rel_err
+
+
+def rnd(seed, *shape, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale)
+
+
+def grads(h, g, act=jax.nn.silu):
+    out, back = jax.vjp(lambda h_: ar_ops.gated_activation(h_, act), h)
+    return out, back(g)[0]
+
+
+def plain_grads(h, g, act=jax.nn.silu):
+    out, back = jax.vjp(lambda h_: ar_ops._plain(h_, act), h)
+    return out, back(g)[0]
+
+
+# rows 2 x 7 (programs of 2 rows) and 3 x 8 (8 rows); intermediate 48 (16-column tiles) and 192 (64)
+@pytest.mark.parametrize("shape", [(2, 7, 96), (3, 8, 384)])
+def test_kernel_backward_equals_autodiff_float32(shape, monkeypatch):
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    h, g = rnd(0, *shape, scale=3.0), rnd(1, *shape[:-1], shape[-1] // 2)
+    jaxpr = str(jax.make_jaxpr(grads)(h, g))
+    assert "pallas_call" in jaxpr                         # the kernel ran, not the fallback
+    out, dh = grads(h, g)
+    ref_out, ref_dh = plain_grads(h, g)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+    assert rel_err(dh, ref_dh) < 1e-6
+    f = shape[-1] // 2
+    # each half is checked on its own: a swapped or misplaced half fails
+    assert rel_err(dh[..., :f], ref_dh[..., :f]) < 1e-6 and rel_err(dh[..., f:], ref_dh[..., f:]) < 1e-6
+
+
+def test_kernel_backward_matches_torch_in_bf16(monkeypatch):
+    """The bf16 gradient is torch autograd's for `up * silu(gate)` on bf16 tensors (the reference MLP's), up to
+    the float32 `exp` rounding: within one bf16 step everywhere, bit-equal almost everywhere."""
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    f = 64
+    h, g = rnd(2, 4, 16, 2 * f, scale=3.0).astype(jnp.bfloat16), rnd(3, 4, 16, f).astype(jnp.bfloat16)
+    _, dh = grads(h, g)
+    th = torch.from_numpy(np.array(h.astype(jnp.float32))).to(torch.bfloat16).requires_grad_()
+    gate, up = th.chunk(2, dim=-1)
+    out = up * torch.nn.functional.silu(gate)
+    out.backward(torch.from_numpy(np.array(g.astype(jnp.float32))).to(torch.bfloat16))
+    ref = th.grad.float().numpy()
+    got = np.asarray(dh.astype(jnp.float32))
+    assert np.all(np.abs(got - ref) <= 2.0 ** -7 * np.abs(ref) + 1e-30)
+    assert np.mean(got == ref) > 0.99
+
+
+def test_kernel_is_used_only_where_it_applies(monkeypatch):
+    h = jnp.zeros((2, 8, 2 * 64))
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    assert ar_ops._use_kernel(h, jax.nn.silu)
+    assert not ar_ops._use_kernel(h, jax.nn.gelu)                     # another activation: autodiff
+    assert not ar_ops._use_kernel(jnp.zeros((2, 8, 2 * 40)), jax.nn.silu)   # 40 columns do not tile
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "0")
+    assert not ar_ops._use_kernel(h, jax.nn.silu)
+    monkeypatch.delenv("GLM_JAX_AR_KERNELS")
+    assert ar_ops._use_kernel(h, jax.nn.silu) == (jax.default_backend() == "gpu")
+    # the fallback is the plain formula differentiated by JAX
+    h, g = rnd(4, 2, 8, 80), rnd(5, 2, 8, 40)
+    out, dh = grads(h, g)
+    gate, up = np.split(np.asarray(h), 2, axis=-1)
+    s = 1 / (1 + np.exp(-gate))
+    np.testing.assert_allclose(np.asarray(out), up * gate * s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dh[..., 40:]), np.asarray(g) * gate * s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernel: GPU only")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_kernel_on_gpu(dtype, monkeypatch):
+    """At the real width (8 sequences of 1342 tokens, intermediate 13696): the compiled kernel's gradient equals
+    the plain path's in float32 on the same values, to the rounding of `dtype`."""
+    h, g = rnd(6, 8, 1342, 2 * 13696, scale=3.0).astype(dtype), rnd(7, 8, 1342, 13696).astype(dtype)
+    assert ar_ops._use_kernel(h, jax.nn.silu)
+    _, dh = jax.jit(grads)(h, g)
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "0")
+    _, ref = jax.jit(plain_grads)(h.astype(jnp.float32), g.astype(jnp.float32))
+    assert rel_err(dh, ref) <= (1e-6 if dtype == jnp.float32 else 1e-2)
