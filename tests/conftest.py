@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from tests.util import CPU_XLA_FLAGS
+
+if CPU_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
+
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.util import CPU_XLA_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny shapes (the `FAST` set of tests/test_train.py), no evaluation, a checkpoint every step, an EMA
 ARGS = ["--config.train.steps=3", "--config.dit.num_steps=4", "--config.dit.group_size=2",
@@ -27,7 +29,7 @@ def _spawn(devices: int, workdir, args: list[str]) -> subprocess.Popen:
     """`python -m glm_jax.train` on `devices` forced CPU devices (mesh `data=1 x fsdp=devices`) in a
     subprocess."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CPU_XLA_FLAGS}")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     argv = ["--config", SPEC, "--workdir", str(workdir), *args, "--config.mesh.data=1",
             f"--config.mesh.fsdp={devices}"]

@@ -19,13 +19,14 @@ import pytest
 
 from glm_jax import distributed, launch
 from glm_jax.grpo import train_step as T
+from tests.util import CPU_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_FLAGS"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_XLA_FLAGS, PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
 

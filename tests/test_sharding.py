@@ -35,6 +35,7 @@ from glm_jax.sampling.ar_sampler import ArLayout
 from glm_jax.sampling.flow import make_cond
 from glm_jax.sampling.schedule import flow_schedule
 from glm_jax.tiny import scheduler_config, tiny_ar_config, tiny_dit_config, tiny_tokenizer
+from tests.util import CPU_XLA_FLAGS
 
 P = PartitionSpec
 N_DEV = 8
@@ -56,7 +57,7 @@ def test_suite_on_8_cpu_devices():
     """Runs this file in a subprocess with 8 simulated CPU devices (when this process has fewer)."""
     if HAVE_8:
         pytest.skip("this process already has 8 devices")
-    flags = f"--xla_force_host_platform_device_count={N_DEV} --xla_backend_optimization_level=0"
+    flags = f"--xla_force_host_platform_device_count={N_DEV} {CPU_XLA_FLAGS}"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-o", "addopts=", "-p", "no:cacheprovider",
                            "-W", "ignore::DeprecationWarning", __file__],

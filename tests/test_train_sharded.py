@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from glm_jax import train
+from tests.util import CPU_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny shapes (the `FAST` set of tests/test_train.py), no evaluation, a checkpoint every step
@@ -27,7 +28,7 @@ SPEC = "configs/t2i.py:tiny,dit"
 
 def _env(devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CPU_XLA_FLAGS}")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -42,7 +43,7 @@ def _launch(nproc: int, body: str) -> subprocess.Popen:
     """`body` run by `nproc` processes of one CPU device each (`python -m glm_jax.launch --no-python`)."""
     code = "import sys\nfrom glm_jax import distributed, train\ndistributed.initialize()\n" + textwrap.dedent(body)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_FLAGS"))}
-    env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+    env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", XLA_FLAGS=CPU_XLA_FLAGS,
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "glm_jax.launch", "--nproc", str(nproc), "--no-python", "--",
                              sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
