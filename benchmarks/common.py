@@ -6,6 +6,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -16,10 +17,16 @@ from flax import nnx
 from conversion.table import find_torch
 
 
-def timeit(fn: Callable, *, warmup: int = 2, iters: int = 5, sync: Callable = lambda out: out) -> dict:
-    """Median / min wall time of `fn()` after `warmup` calls; `sync(out)` blocks until the result is ready."""
-    for _ in range(warmup):
+def timeit(fn: Callable, *, warmup: int = 2, iters: int = 5, sync: Callable = lambda out: out,
+           warm_s: float = 0.0) -> dict:
+    """Median / min wall time of `fn()` after `warmup` calls and then more calls until `warm_s` seconds have
+    passed (a GPU at its power cap runs a cold card's first steps faster); `sync(out)` blocks until the result is
+    ready."""
+    t_start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - t_start < warm_s:
         sync(fn())
+        done += 1
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -142,6 +149,9 @@ def device_info() -> dict:
     except OSError:
         pass
     info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if "torch" in sys.modules:      # the PyTorch reference's versions, where the benchmark runs one
+        torch = sys.modules["torch"]
+        info["torch"] = f"{torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
     return info
 
 

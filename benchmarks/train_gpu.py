@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_gpu --part dit   # DiT 6.9B forward + backward at 1024², batch 1: remat none /
                                                 # dots / full vs diffusers without and with gradient checkpointing
+        [--iters 3] [--warm 0]                  # DiT steps timed per variant; seconds of steps before timing
     python -m benchmarks.train_gpu --part ar    # one AR GRPO update, 32 sequences x (64 prompt + 1281 generated)
                                                 # tokens, real width, reduced depth (--layers, default 4)
 
@@ -65,7 +66,7 @@ def peak_gib() -> float:
         return float("nan")
 
 
-def run_dit(res: dict, policies: list[str]) -> None:
+def run_dit(res: dict, policies: list[str], iters: int = 3, warm_s: float = 0.0) -> None:
     from diffusers import GlmImageTransformer2DModel
 
     from benchmarks.dit_gpu import T_GLYPH, torch_inputs
@@ -75,6 +76,7 @@ def run_dit(res: dict, policies: list[str]) -> None:
     cfg = DiTConfig.from_hf(DIT_CONFIG)
     flops = 3 * dit_flops(cfg, (H // 16) * (W // 16), T_GLYPH, 0)
     res["dit_fwd_bwd_tflop"] = flops / 1e12
+    res["dit_timing"] = {"iters": iters, "warm_s": warm_s}
     torch.manual_seed(0)
     with torch.device(DEV):
         tm = GlmImageTransformer2DModel(**{k: v for k, v in DIT_CONFIG.items() if not k.startswith("_")}
@@ -93,7 +95,7 @@ def run_dit(res: dict, policies: list[str]) -> None:
         tm.train()
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = timeit(tfwdbwd, sync=torch_sync, iters=3)
+        r = timeit(tfwdbwd, sync=torch_sync, iters=iters, warm_s=warm_s)
         r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if DEV == "cuda" else None
         r["mfu"] = flops / r["median_s"] / PEAK
         res[f"torch_fwd_bwd_{'checkpointing' if ckpt else 'plain'}"] = r
@@ -126,7 +128,8 @@ def run_dit(res: dict, policies: list[str]) -> None:
             t0 = time.time()
             jax_sync(jgrad(state, j_lat, j_args, j_cot))
             compile_s = time.time() - t0
-            r = timeit(lambda jgrad=jgrad, state=state: jgrad(state, j_lat, j_args, j_cot), sync=jax_sync, iters=3)
+            r = timeit(lambda jgrad=jgrad, state=state: jgrad(state, j_lat, j_args, j_cot), sync=jax_sync,
+                       iters=iters, warm_s=warm_s)
             r.update(compile_s=compile_s, peak_gib=peak_gib(), mfu=flops / r["median_s"] / PEAK,
                      tflops_per_s=flops / r["median_s"] / 1e12)
             res[f"jax_fwd_bwd_remat_{policy}"] = r
@@ -250,13 +253,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("ar", "dit"), required=True)
     ap.add_argument("--policies", default="none,dots,full")
+    ap.add_argument("--iters", type=int, default=3, help="timed DiT steps per variant (median reported)")
+    ap.add_argument("--warm", type=float, default=0.0, help="seconds of DiT steps before timing each variant, so "
+                    "that each side is timed on a card at its running temperature and power state (default 0: "
+                    "2 warm-up steps only)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--micro", type=int, default=8)
     a = ap.parse_args()
     res = {"device": device_info()}
     if a.part == "dit":
-        run_dit(res, a.policies.split(","))
+        run_dit(res, a.policies.split(","), a.iters, a.warm)
     else:
         run_ar(res, 2 if SMOKE else a.layers, 4 if SMOKE else a.batch, 2 if SMOKE else a.micro,
                a.policies.split(","))
