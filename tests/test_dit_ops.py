@@ -127,7 +127,14 @@ def test_norm_rope_and_gelu_kernels_match_plain_path():
     dh, dbias = dit_ops._gelu_bwd(res, g)
     np.testing.assert_allclose(dit_ops.gelu_kernel(h, bias, interpret=True), out, rtol=1e-5, atol=KERNEL_ATOL)
     dh_k, dbias_k = dit_ops.gelu_backward_kernel(h, bias, g, interpret=True)
-    np.testing.assert_allclose(dh_k, dh, rtol=1e-5, atol=KERNEL_ATOL)
+    # the derivative's second term (torch's formula) multiplies 1 - tanh² of the inner argument by
+    # 0.5 x c (1 + 3 a x²): where tanh saturates (x < -6) no digit of 1 - tanh² is left in float32, and two
+    # compilations whose tanh differs by a few ulps there (XLA at -O0 / -O2) differ by that conditioning
+    x = np.asarray(h + bias, np.float64)
+    cond = 16 * np.finfo(np.float32).eps * np.abs(np.asarray(g) * 0.5 * x * (1 + 3 * 0.044715 * x * x))
+    err = np.abs(np.asarray(dh_k, np.float64) - np.asarray(dh, np.float64))
+    bad = err > 1e-5 * np.abs(np.asarray(dh)) + KERNEL_ATOL + cond
+    assert not bad.any(), (np.argwhere(bad)[:4], err[bad][:4], x[bad][:4])
     np.testing.assert_allclose(dbias_k, dbias, rtol=1e-5, atol=1e-4)
 
 
