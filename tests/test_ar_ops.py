@@ -45,8 +45,11 @@ def test_kernel_backward_equals_autodiff_float32(shape, monkeypatch):
 
 def test_kernel_backward_matches_torch_in_bf16(monkeypatch):
     """The bf16 gradient is torch autograd's for `up * silu(gate)` on bf16 tensors (the reference MLP's), up to
-    the float32 `exp` rounding: within one bf16 step everywhere, bit-equal almost everywhere."""
-    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    the float32 `exp` rounding: within one bf16 step everywhere, bit-equal almost everywhere. The kernel is
+    compiled on a GPU (there: bit-equal on every element, H100, 2026-11-28) and interpreted elsewhere; interpreted
+    on a GPU it is not torch's (74% bit-equal: XLA's GPU compiler drops the intermediate bf16 roundings that
+    Triton keeps)."""
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "1" if jax.default_backend() == "gpu" else "interpret")
     f = 64
     h, g = rnd(2, 4, 16, 2 * f, scale=3.0).astype(jnp.bfloat16), rnd(3, 4, 16, f).astype(jnp.bfloat16)
     _, dh = grads(h, g)
