@@ -2,9 +2,10 @@
 compiled in one process and timed round-robin (JAX only, random bf16 weights):
 
 * `sort16` (the default code): the processed policy's kept set sorts the head's bf16 logits, the MLP's gated
-  activation has its hand-written backward pass (`ar.gated_activation`, one `[gate; up]` gradient array);
+  activation has its hand-written backward pass (`ar_ops.gated_activation`, one `[gate; up]` gradient array);
 * `sort`: the kept set sorts the fp32 masked-temperature logits instead;
-* `mlp_autodiff`: the MLP's `up * act(gate)` differentiated by JAX (the split's transpose: a concatenation).
+* `mlp_autodiff`: the MLP's `up * act(gate)` differentiated by JAX (`GLM_JAX_AR_KERNELS=0`; the split's
+  transpose: a concatenation).
 
     python -m benchmarks.ar_update_probe [--variants sort16,mlp_autodiff] [--layers 4] [--batch 32] [--micro 8]
         [--rounds 3] [--hlo-count wrapped_concatenate] [--hlo] [--profile]
@@ -29,7 +30,7 @@ from benchmarks.common import SMOKE, ar_flops, device_info, jax_sync, prompts, r
 from benchmarks.real_configs import AR_CONFIG
 from glm_jax.grpo import optim as O
 from glm_jax.grpo import train_step as T
-from glm_jax.models.ar import ArConfig, GlmImageAR, TextMLP
+from glm_jax.models.ar import ArConfig, GlmImageAR
 from glm_jax.pipeline import ar_token_ids
 from glm_jax.sampling import ar_sampler as S
 
@@ -40,16 +41,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _autodiff_mlp(self, x):
-    gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-    return self.down_proj(up * self.act(gate))
-
-
 _KEPT = S.kept_mask
-VARIANTS = {   # name: [(object, attribute, replacement)]
-    "sort16": [],
-    "sort": [(S, "kept_mask", lambda z, params, order=None: _KEPT(z, params))],
-    "mlp_autodiff": [(TextMLP, "__call__", _autodiff_mlp)],
+VARIANTS = {   # name: ([(object, attribute, replacement)], {environment variable: value})
+    "sort16": ([], {}),
+    "sort": ([(S, "kept_mask", lambda z, params, order=None: _KEPT(z, params))], {}),
+    "mlp_autodiff": ([], {"GLM_JAX_AR_KERNELS": "0"}),
 }
 
 
@@ -101,13 +97,21 @@ def main():
     pol = None
     compiled, hlo_count = {}, {}
     for name in a.variants.split(","):
-        saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in VARIANTS[name]]
-        for obj, attr, value in VARIANTS[name]:
+        patches, env = VARIANTS[name]
+        saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+        saved_env = {k: os.environ.get(k) for k in env}
+        for obj, attr, value in patches:
             setattr(obj, attr, value)           # read while the step is traced
+        os.environ.update(env)
         t0 = time.time()
         compiled[name] = T.ar_update_jit.lower(spec, ts, batch).compile()
         for obj, attr, value in saved:
             setattr(obj, attr, value)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
         jax.clear_caches()
         log(f"compiled {name} in {time.time() - t0:.0f}s")
         if a.hlo:

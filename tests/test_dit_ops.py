@@ -128,8 +128,9 @@ def test_norm_rope_and_gelu_kernels_match_plain_path():
     np.testing.assert_allclose(dit_ops.gelu_kernel(h, bias, interpret=True), out, rtol=1e-5, atol=KERNEL_ATOL)
     dh_k, dbias_k = dit_ops.gelu_backward_kernel(h, bias, g, interpret=True)
     # the derivative's second term (torch's formula) multiplies 1 - tanh² of the inner argument by
-    # 0.5 x c (1 + 3 a x²): where tanh saturates (x < -6) no digit of 1 - tanh² is left in float32, and two
-    # compilations whose tanh differs by a few ulps there (XLA at -O0 / -O2) differ by that conditioning
+    # 0.5 x c (1 + 3 a x²) (c = sqrt(2 / pi) < 1, left out of the bound): where tanh saturates (x < -6) no digit
+    # of 1 - tanh² is left in float32, and two compilations whose tanh differs by a few ulps there (XLA at
+    # -O0 / -O2) differ by that conditioning
     x = np.asarray(h + bias, np.float64)
     cond = 16 * np.finfo(np.float32).eps * np.abs(np.asarray(g) * 0.5 * x * (1 + 3 * 0.044715 * x * x))
     err = np.abs(np.asarray(dh_k, np.float64) - np.asarray(dh, np.float64))

@@ -1,54 +1,48 @@
 """The AR MLP's gated activation, `up * act(gate)` of `h = [gate; up]` (halves of the last axis), with a fused
 backward pass on GPU.
 
-Autodiff of the split and the product makes XLA write the gradient of `h` in four passes over the
-`[tokens, 2 * intermediate]` activation (the product `g * up`, the activation's derivative, then the two halves
-selected or concatenated into one array): at the AR's real width, 32 sequences of 1342 tokens, 1.1 ms per layer
-and micro-batch of 8 sequences on an H100, where reading `h` and `g` and writing `dh` once takes about 0.5 ms.
-For SiLU (the real config's `hidden_act`) the backward pass here is one Pallas (Triton) kernel that reads each
-tile of `gate`, `up` and `g` once and writes both halves of `dh`, computing what torch's autograd does in bf16:
+Autodiff of the split and the product makes XLA write the gradient of `h` in several passes over the
+`[tokens, 2 * intermediate]` activation, the last a copy of both halves into their concatenation; even without
+that copy (both halves as one `where`), three passes took 1.08 ms per layer and micro-batch of 8 sequences of
+1342 tokens at real width on an H100, where reading `h` and `g` and writing `dh` once takes about 0.5 ms
+(`benchmarks/RESULTS.md`). For SiLU (the real config's `hidden_act`) the backward pass here is one Pallas
+(Triton) kernel that reads each tile of `gate`, `up` and `g` once and writes both halves of `dh`, computing what
+torch's autograd does in bf16:
 
     d_up   = g * silu(gate)                    (silu(gate) rounded to the dtype, as the forward's product uses it)
     d_act  = g * up                            (rounded)
     d_gate = d_act * s * (1 + gate * (1 - s))  (s = sigmoid(gate), in float32; torch's `silu_backward`)
 
-The forward pass stays XLA's one fused elementwise pass. Elsewhere (CPU, another activation, shapes the kernel
-does not tile, a mesh whose `tensor` axis splits the activation, `GLM_JAX_AR_KERNELS=0`) the plain formula is
-differentiated by JAX. `GLM_JAX_AR_KERNELS=interpret` runs the kernel in Pallas' interpreter on any backend
-(tests).
+The forward pass stays XLA's one fused elementwise pass. Elsewhere (CPU, another activation, intermediate sizes
+the kernel does not tile, a mesh whose `tensor` axis splits the activation, `GLM_JAX_AR_KERNELS=0`) the plain
+formula is differentiated by JAX. `GLM_JAX_AR_KERNELS=interpret` runs the kernel in Pallas' interpreter on any
+backend (tests).
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from glm_jax.models.pallas_tiles import tile, tiled_call
-from glm_jax.sharding import per_device, tensor_unsplit
+from glm_jax.models.pallas_tiles import interpreted, kernels_on, tile, tiled_call
+from glm_jax.sharding import per_device
 
+_SWITCH = "GLM_JAX_AR_KERNELS"
 _ROWS = (16, 8, 4, 2, 1)      # rows per program: the first that divides the tokens
 _COLS = (128, 64, 32, 16)      # columns per program: the first that divides the intermediate size
 
 
-def _mode() -> str:
-    return os.environ.get("GLM_JAX_AR_KERNELS", "1")
-
-
-def _tiles(rows: int, f: int) -> tuple[int, int] | None:
-    """`(rows, columns)` per program for `rows` tokens and intermediate size `f`, or None where `f` does not tile."""
-    bc = next((c for c in _COLS if f % c == 0), None)
-    return None if bc is None else (next(r for r in _ROWS if rows % r == 0), bc)
+def _cols(f: int) -> int | None:
+    """Columns per program for intermediate size `f`, or None where it does not tile."""
+    return next((c for c in _COLS if f % c == 0), None)
 
 
 def _use_kernel(h: jax.Array, act) -> bool:
-    mode = _mode()
-    if act is not jax.nn.silu or mode == "0" or (jax.default_backend() != "gpu" and mode != "interpret"):
-        return False
-    return tensor_unsplit() and h.shape[-1] % 2 == 0 and _tiles(1, h.shape[-1] // 2) is not None
+    return (act is jax.nn.silu and kernels_on(_SWITCH) and h.shape[-1] % 2 == 0
+            and _cols(h.shape[-1] // 2) is not None)
 
 
 def _plain(h: jax.Array, act) -> jax.Array:
@@ -73,17 +67,9 @@ def _silu_gate_fwd(h):
 
 
 def _silu_gate_bwd(h, g):
-    lead = h.shape[:-1]
-    two_f = h.shape[-1]
-
-    def run(h_, g_):
-        return (silu_gate_backward_kernel(h_, g_),)
-
     if h.ndim >= 3:   # [B, T, 2F]: per device on its samples under a mesh
-        (dh,) = per_device(run, (h, g), (True, True), ("batch",))
-    else:
-        (dh,) = run(h, g)
-    return (dh.reshape(lead + (two_f,)),)
+        return per_device(lambda h_, g_: (silu_gate_backward_kernel(h_, g_),), (h, g), (True, True), ("batch",))
+    return (silu_gate_backward_kernel(h, g),)
 
 
 _silu_gate_op.defvjp(_silu_gate_fwd, _silu_gate_bwd)
@@ -109,8 +95,8 @@ def silu_gate_backward_kernel(h: jax.Array, g: jax.Array, *, interpret: bool = F
     f = two_f // 2
     h2, g2 = h.reshape(-1, two_f), g.reshape(-1, f)
     rows = h2.shape[0]
-    br, bc = _tiles(rows, f)
+    br, bc = next(r for r in _ROWS if rows % r == 0), _cols(f)
     kern = partial(_silu_gate_bwd_kernel, br=br, bc=bc, f=f)
     dh = tiled_call(kern, (h2, g2), jax.ShapeDtypeStruct((rows, two_f), h.dtype), (rows // br, f // bc),
-                    interpret=interpret or _mode() == "interpret")
+                    interpret=interpret or interpreted(_SWITCH))
     return dh.reshape(h.shape)

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from glm_jax.models.layers import ln_stats
+from glm_jax.models.pallas_tiles import interpreted, kernels_on, tiled_call
 from glm_jax.models.pallas_tiles import tile as _tile
-from glm_jax.models.pallas_tiles import tiled_call
-from glm_jax.sharding import per_device, tensor_unsplit
+from glm_jax.sharding import per_device
 
 LN_EPS = 1e-5
 _ROWS = (32, 16, 8)  # rows per kernel program: the largest (up to a per-kernel bound) dividing the length
@@ -88,18 +88,15 @@ def _mod_bc() -> int:
     return int(os.environ.get("GLM_JAX_K_BC", "256"))
 
 
+_SWITCH = "GLM_JAX_DIT_KERNELS"
+
+
 def _interpret() -> bool:
-    """`GLM_JAX_DIT_KERNELS=interpret`: the kernels run in Pallas' interpreter, on any backend (tests)."""
-    return os.environ.get("GLM_JAX_DIT_KERNELS") == "interpret"
+    return interpreted(_SWITCH)
 
 
 def _kernels_on() -> bool:
-    """Kernels run on GPU unless `GLM_JAX_DIT_KERNELS=0`. Under a mesh they run per device on the samples it
-    holds (`sharding.per_device`), which needs the activations split by samples only: with a `tensor` axis of
-    more than one device the plain-JAX formulas run instead, which the partitioner splits."""
-    if os.environ.get("GLM_JAX_DIT_KERNELS") == "0" or (jax.default_backend() != "gpu" and not _interpret()):
-        return False
-    return tensor_unsplit()
+    return kernels_on(_SWITCH)
 
 
 def _use_kernels(length: int, d: int, bc: int = 128) -> bool:

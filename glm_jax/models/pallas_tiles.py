@@ -2,13 +2,35 @@
 (`dit_ops`) and the AR's MLP (`ar_ops`).
 
 Kernels take their program ids as `ids=(row block, column block)`; the grid is launched column blocks first, so
-that neighbouring programs read neighbouring tiles of the same rows.
+that neighbouring programs read neighbouring tiles of the same rows. Each family of ops has an environment switch
+(`GLM_JAX_DIT_KERNELS`, `GLM_JAX_AR_KERNELS`): `0` runs the plain-JAX formulas, `interpret` runs the kernels in
+Pallas' interpreter on any backend (tests); unset, the kernels run on GPU.
 """
 
 from __future__ import annotations
 
+import os
+
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from glm_jax.sharding import tensor_unsplit
+
+
+def interpreted(switch: str) -> bool:
+    """`<switch>=interpret`: the kernels run in Pallas' interpreter, on any backend (tests)."""
+    return os.environ.get(switch) == "interpret"
+
+
+def kernels_on(switch: str) -> bool:
+    """Whether ops under the environment `switch` run their kernels in the code being traced: on GPU unless
+    `<switch>=0`, anywhere when interpreted. Under a mesh they run per device on the samples it holds
+    (`sharding.per_device`), which needs the activations split by samples only: with a `tensor` axis of more
+    than one device the plain-JAX formulas run instead, which the partitioner splits."""
+    if os.environ.get(switch) == "0" or (jax.default_backend() != "gpu" and not interpreted(switch)):
+        return False
+    return tensor_unsplit()
 
 
 def tile(ref, r0, c0, br: int, bc: int):
