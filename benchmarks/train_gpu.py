@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_gpu --part dit   # DiT 6.9B forward + backward at 1024², batch 1: remat none /
                                                 # dots / full vs diffusers without and with gradient checkpointing
+        [--policies none,dots,dots_attention]   # the remat policies timed (glm_jax.models.remat)
         [--iters 3] [--warm 0]                  # DiT steps timed per variant; seconds of steps before timing
     python -m benchmarks.train_gpu --part ar    # one AR GRPO update, 32 sequences x (64 prompt + 1281 generated)
                                                 # tokens, real width, reduced depth (--layers, default 4)
@@ -126,14 +127,18 @@ def run_dit(res: dict, policies: list[str], iters: int = 3, warm_s: float = 0.0)
             return jax.grad(f)(state)
         try:
             t0 = time.time()
+            jgrad = jgrad.lower(state, j_lat, j_args, j_cot).compile()
+            mem = jgrad.memory_analysis()
+            temp_gib = (mem.temp_size_in_bytes if mem is not None else 0) / 2 ** 30
             jax_sync(jgrad(state, j_lat, j_args, j_cot))
             compile_s = time.time() - t0
             r = timeit(lambda jgrad=jgrad, state=state: jgrad(state, j_lat, j_args, j_cot), sync=jax_sync,
                        iters=iters, warm_s=warm_s)
-            r.update(compile_s=compile_s, peak_gib=peak_gib(), mfu=flops / r["median_s"] / PEAK,
+            r.update(compile_s=compile_s, peak_gib=peak_gib(), temp_gib=temp_gib, mfu=flops / r["median_s"] / PEAK,
                      tflops_per_s=flops / r["median_s"] / 1e12)
             res[f"jax_fwd_bwd_remat_{policy}"] = r
-            log(f"jax fwd+bwd remat={policy}: {r['median_s']:.3f}s peak {r['peak_gib']:.1f} GiB")
+            log(f"jax fwd+bwd remat={policy}: {r['median_s']:.3f}s, temporary {temp_gib:.2f} GiB, "
+                f"peak so far {r['peak_gib']:.1f} GiB")
         except Exception as e:  # report and continue
             res[f"jax_fwd_bwd_remat_{policy}_error"] = repr(e)[:400]
             log(f"remat={policy} failed: {e!r}"[:300])

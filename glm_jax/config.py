@@ -23,7 +23,7 @@ MODES = ("t2i", "i2i")
 COMPONENTS = ("ar", "dit", "both")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 KERNELS = ("sde", "cps")
-REMATS = ("none", "full", "dots", "dots_all")
+REMATS = ("none", "full", "dots", "dots_attention", "dots_all")
 DTYPES = ("float32", "bfloat16")
 SCALES = ("group", "batch", "none")
 AGGREGATES = ("sum_then_normalize", "normalize_then_sum")
@@ -45,7 +45,7 @@ def base_config() -> ConfigDict:
         dtype="bfloat16",                # compute dtype
         param_dtype="float32",           # stored / trained parameter dtype (optimizer state is always fp32)
         attention="",                    # "" (XLA picks), "xla" or "cudnn"
-        remat="none",                    # DiT / AR layer rematerialisation: none | full | dots | dots_all
+        remat="none",                    # DiT / AR layer remat: none | full | dots | dots_attention | dots_all
     ))
     c.data = ConfigDict(dict(
         path="data/t2i",                 # folder layout (prompts.txt + target_images/ ...) or a .jsonl manifest

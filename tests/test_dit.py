@@ -275,7 +275,7 @@ def test_flops_count_matches_parameter_matmuls(models):
     assert more - base == cfg.num_layers * (2 * w + attn) + proj
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_attention"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_block_remat_keeps_loss_and_gradients(models, policy, lora):
     """Rematerialised DiT blocks (training memory) give the same loss and gradients: of every parameter for
