@@ -82,6 +82,7 @@ def test_dots_attention_keeps_the_fused_attention_outputs(capsys):
 
 
 def test_policies_are_named_in_the_config():
+    pytest.importorskip("ml_collections")
     from glm_jax.config import REMATS
     assert set(REMATS) == set(REMAT_POLICIES)
 
@@ -124,7 +125,11 @@ def test_cudnn_remat_gradients_match_no_remat(policy):
 
     ref = jax.jit(jax.grad(loss), static_argnums=1)(params, "none")
     got = jax.jit(jax.grad(loss), static_argnums=1)(params, policy)
-    for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
-        assert np.abs(a - r).max() <= 2e-2 * np.abs(r).max() + 1e-6
-    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(ref)) > 0
+    ref = [np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(ref)]
+    got = [np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(got)]
+    # the recomputed forward is compiled apart from the kept one, so bf16 roundings differ: relative L2 errors,
+    # per parameter and over all of them (a wrong or stale residual gives errors of order one)
+    for a, r in zip(got, ref, strict=True):
+        assert np.linalg.norm(a - r) <= 5e-2 * np.linalg.norm(r) + 1e-7
+    a, r = np.concatenate(got), np.concatenate(ref)
+    assert np.linalg.norm(a - r) <= 1e-2 * np.linalg.norm(r) and np.linalg.norm(r) > 0
