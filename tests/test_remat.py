@@ -1,7 +1,7 @@
 """Rematerialisation policies (`glm_jax.models.remat`): what each keeps for the backward pass of a DiT block.
 
-The gradients under every policy are compared with no remat in `tests/test_dit.py` / `tests/test_ar.py`; here the
-saved residuals themselves are read from the traced gradient (`jax.ad_checkpoint.print_saved_residuals`), on the
+The float32 gradients under the policies are compared with no remat in `tests/test_dit.py` (every policy but
+`dots_all`) and `tests/test_ar.py` (`full`, `dots`); here the saved residuals themselves are read from the traced gradient (`jax.ad_checkpoint.print_saved_residuals`), on the
 path the real model trains with: bf16, cuDNN attention. Without a GPU the cuDNN availability checks are bypassed
 for tracing only (nothing is compiled or run), so the check that `dots_attention` recognises the attention
 primitive of the installed JAX runs in CI.
@@ -38,8 +38,8 @@ def cudnn_tracing():
 
 
 def saved_residuals(policy: str, capsys) -> list[str]:
-    """The residuals the gradient of a 2-layer bf16 DiT with cuDNN attention keeps, one line each (blocks only:
-    the lines of residuals created inside `Block.__call__`'s callees)."""
+    """The residuals the gradient of the tiny (2-layer) DiT in bf16 with cuDNN attention keeps under `policy`, one
+    line each as `print_saved_residuals` prints them (type, then what produced it and where)."""
     cfg = DiTConfig.from_hf(tiny_dit_config())
     model = GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention="cudnn", remat=policy,
                         rngs=nnx.Rngs(0))
