@@ -134,8 +134,8 @@ def run_dit(res: dict, policies: list[str], iters: int = 3, warm_s: float = 0.0)
             compile_s = time.time() - t0
             r = timeit(lambda jgrad=jgrad, state=state: jgrad(state, j_lat, j_args, j_cot), sync=jax_sync,
                        iters=iters, warm_s=warm_s)
-            r.update(compile_s=compile_s, peak_gib=peak_gib(), temp_gib=temp_gib, mfu=flops / r["median_s"] / PEAK,
-                     tflops_per_s=flops / r["median_s"] / 1e12)
+            r.update(compile_s=compile_s, peak_gib=peak_gib(), temp_gib=temp_gib,
+                     mfu=flops / r["median_s"] / PEAK, tflops_per_s=flops / r["median_s"] / 1e12)
             res[f"jax_fwd_bwd_remat_{policy}"] = r
             log(f"jax fwd+bwd remat={policy}: {r['median_s']:.3f}s, temporary {temp_gib:.2f} GiB, "
                 f"peak so far {r['peak_gib']:.1f} GiB")

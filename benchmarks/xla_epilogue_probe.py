@@ -51,9 +51,10 @@ def inspect(hlo: str) -> dict:
 
 def main():
     res = {"device": device_info(), "shape": {"L": L, "D": D, "F": F}, "options": {}}
+    fns = functions()
     for name, options in OPTION_SETS.items():
         res["options"][name] = {"xla_options": options}
-        for fname, (fn, args) in functions().items():
+        for fname, (fn, args) in fns.items():
             hlo = jax.jit(fn).lower(*args).compile(compiler_options=options or None).as_text()
             res["options"][name][fname] = r = inspect(hlo)
             print(f"{name:28s} {fname:10s} beta 1: {r['beta_1_matmuls']}  epilogues: {r['epilogues']}  "

@@ -1,8 +1,9 @@
 """Rematerialisation policies (`glm_jax.models.remat`): what each keeps for the backward pass of a DiT block.
 
 The float32 gradients under the policies are compared with no remat in `tests/test_dit.py` (every policy but
-`dots_all`) and `tests/test_ar.py` (`full`, `dots`); here the saved residuals themselves are read from the traced gradient (`jax.ad_checkpoint.print_saved_residuals`), on the
-path the real model trains with: bf16, cuDNN attention. Without a GPU the cuDNN availability checks are bypassed
+`dots_all`) and `tests/test_ar.py` (`full`, `dots`); here the saved residuals themselves are read from the traced
+gradient (`jax.ad_checkpoint.print_saved_residuals`), on the path the real model trains with: bf16, cuDNN
+attention. Without a GPU the cuDNN availability checks are bypassed
 for tracing only (nothing is compiled or run), so the check that `dots_attention` recognises the attention
 primitive of the installed JAX runs in CI.
 """
@@ -70,15 +71,15 @@ def test_dots_attention_keeps_the_fused_attention_outputs(capsys):
     float32 softmax statistics); `dots` keeps neither (its backward pass runs the attention forward again), `none`
     keeps them as plain residuals. Fails if JAX renames the primitive the policy looks for."""
     layers = DiTConfig.from_hf(tiny_dit_config()).num_layers
-    kept = attention_outputs(saved_residuals("dots_attention", capsys))
+    with_attention, dots = saved_residuals("dots_attention", capsys), saved_residuals("dots", capsys)
+    kept = attention_outputs(with_attention)
     assert len(kept) == 2 * layers, kept
-    assert sum(ln.startswith("bf16[") for ln in kept) == layers and sum(ln.startswith("f32[") for ln in kept) == layers
-    assert attention_outputs(saved_residuals("dots", capsys)) == []
+    assert sum(ln.startswith("bf16[") for ln in kept) == layers
+    assert sum(ln.startswith("f32[") for ln in kept) == layers
+    assert attention_outputs(dots) == []
     assert len(attention_outputs(saved_residuals("none", capsys))) == 2 * layers
     # the policy adds to `dots`: every residual `dots` keeps is kept too
-    dots = [ln for ln in saved_residuals("dots", capsys) if "output of" in ln]
-    with_attention = saved_residuals("dots_attention", capsys)
-    assert all(ln in with_attention for ln in dots)
+    assert all(ln in with_attention for ln in dots if "output of" in ln)
 
 
 def test_policies_are_named_in_the_config():

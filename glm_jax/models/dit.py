@@ -374,7 +374,8 @@ class GlmImageDiT(nnx.Module):
     `dtype` is the compute dtype (residual stream, matmuls); sincos embeddings, LayerNorm statistics, RoPE,
     activations and the attention softmax run in float32. `attention` picks the `jax.nn.dot_product_attention`
     implementation (None, "xla" or "cudnn"; cuDNN needs a half-precision `dtype`). `remat` names the
-    rematerialisation policy of each block for training (`glm_jax.models.remat`: none / full / dots / dots_attention / dots_all).
+    rematerialisation policy of each block for training (`glm_jax.models.remat`: none / full / dots /
+    dots_attention / dots_all).
     """
 
     def __init__(self, cfg: DiTConfig, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,

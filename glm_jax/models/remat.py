@@ -10,8 +10,8 @@
 `dots_attention` costs, per layer, one attention output (`[batch, tokens, heads * head_dim]` in the compute dtype)
 and its float32 statistics (`[batch, heads, tokens]`) more than `dots`, and saves the attention forward that
 `dots` runs again in the backward pass: for the real-size DiT at 1024² (30 layers, 4352 tokens, batch 1) 0.96 GiB
-more temporaries for 16-19 ms less of a 0.36-0.37 s step on an H100 (benchmarks/RESULTS.md). With XLA's attention (no fused primitive: CPU, or
-`attention="xla"`) it is the same as `dots`.
+more temporaries for 16-19 ms less of a 0.36-0.37 s step on an H100 (benchmarks/RESULTS.md). With XLA's
+attention (no fused primitive: CPU, or `attention="xla"`) it is the same as `dots`.
 """
 
 from __future__ import annotations
