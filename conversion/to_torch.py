@@ -133,8 +133,11 @@ def export(ckpt: str, dst: str, *, max_shard_size: int = 5 * 10 ** 9, overwrite:
     adapted component's adapters to `dst/<slot>_lora/` (PEFT format)."""
     if lora not in LORA_MODES:
         raise ConversionError(f"--lora {lora!r}: expected one of {', '.join(LORA_MODES)}")
+    try:
+        manifest = read_manifest(ckpt)
+    except ValueError as e:
+        raise ConversionError(f"--src {e}") from None
     ckpt, dst = os.path.abspath(ckpt), os.path.abspath(dst)
-    manifest = read_manifest(ckpt)
     if os.path.exists(dst) and os.listdir(dst) and not overwrite:
         raise ConversionError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")
     tmp = f"{dst}.tmp-{os.getpid()}"

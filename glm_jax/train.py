@@ -701,16 +701,16 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     if cfg.train.compile_cache:
         use_compile_cache(cfg.train.compile_cache, log)
     mesh = make_train_mesh(cfg, log)
-    os.makedirs(workdir, exist_ok=True)
-    if main_process:
-        save_config(cfg, os.path.join(workdir, "config.json"))
     H, W = cfg.image.height, cfg.image.width
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
     use_ar, use_dit = cfg.component in ("ar", "both"), cfg.component in ("dit", "both")
 
-    rewards = build_reward_sets({"ar": cfg.reward.ar.to_dict() if use_ar else {},
-                                 "dit": cfg.reward.dit.to_dict() if use_dit else {},
-                                 "options": cfg.reward.options.to_dict()})
+    try:
+        rewards = build_reward_sets({"ar": cfg.reward.ar.to_dict() if use_ar else {},
+                                     "dit": cfg.reward.dit.to_dict() if use_dit else {},
+                                     "options": cfg.reward.options.to_dict()})
+    except ValueError as e:                 # name the config field (`config.reward: dit.lpipz: unknown ...`)
+        raise ValueError(f"config.reward: {e}") from None
     try:
         train_ds, eval_ds = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path)
         n_sources = source_count([train_ds, eval_ds], cfg.mode)
@@ -720,6 +720,12 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     it = D.train_iterator(train_ds, cfg.train.groups_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           global_sources=n_sources > 0)
+    if cfg.model.ckpt:
+        from glm_jax.checkpoint import read_manifest
+        try:
+            read_manifest(cfg.model.ckpt)
+        except ValueError as e:
+            raise ValueError(f"config.model.ckpt: {e}") from None
     ckpt_dir = cfg.model.ckpt or embedded_checkpoint(cfg.seed)
     # several devices: every parameter restored straight into its sharding (each process reads its shards)
     stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
@@ -741,6 +747,11 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     dit_cfg = stack.dit.merge().cfg
     image_token_id = stack.ar.merge().cfg.image_token_id
 
+    # the resolved config is written once the data and the model have been read (a config that fails those
+    # checks leaves no workdir behind)
+    os.makedirs(workdir, exist_ok=True)
+    if main_process:
+        save_config(cfg, os.path.join(workdir, "config.json"))
     setup = build_train_state(cfg, stack, log=log, mesh=mesh)
     steps = make_steps(setup, cfg)
     make = BatchMaker(cfg, stack, setup, max_len=max_len, max_glyph=max_glyph, n_sources=n_sources, dtype=dtype,

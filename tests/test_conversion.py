@@ -161,6 +161,17 @@ def test_cli_error_is_one_line(ar_dirs, tmp_path, capsys):
     assert err.startswith("error:") and "\n" not in err and "safetensors" in err
 
 
+def test_to_torch_of_a_torch_directory_says_to_convert_it_first(ar_dirs, tmp_path, capsys):
+    """Handing `to_torch` (or training) the PyTorch directory instead of a converted checkpoint is a one-line
+    error naming `--src` and the command that converts it; nothing is written."""
+    for src, needle in [(ar_dirs["single"], "python -m conversion.from_torch --src"),
+                        (str(tmp_path / "none"), "no such directory")]:
+        assert to_torch.main(["--src", src, "--dst", str(tmp_path / "dst")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --src {src}:") and "\n" not in err and needle in err, err
+        assert not (tmp_path / "dst").exists()
+
+
 def test_existing_destination_is_kept(ar_dirs, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()

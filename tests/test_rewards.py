@@ -297,7 +297,7 @@ def test_config_dict_and_config_errors():
     cfg = ml_collections.ConfigDict({"ar": {"ssim": 1.0}, "dit": {}, "options": {"ssim": {"luma_only": True}}})
     sets = R.build_reward_sets(cfg)
     assert list(sets["ar"].rewards) == ["ssim"] and not sets["dit"]
-    cases = [({"ar": {"lpipz": 1.0}}, "unknown reward 'lpipz'"),
+    cases = [({"ar": {"lpipz": 1.0}}, "ar.lpipz: unknown reward 'lpipz'"),
              ({"ar": {"ssim": 1.0}, "options": {"ssim": {"sigma": 2}}}, "unknown option 'sigma' for reward 'ssim'"),
              ({"ar": {"ssim": 1.0}, "options": {"lpips": {"nett": "vgg"}}}, "unknown option 'nett'"),
              ({"ar": {"ssim": "heavy"}}, "weight of ar.ssim"),

@@ -259,13 +259,21 @@ def test_sigterm_saves_a_restorable_checkpoint_and_rerun_resumes(tmp_path, capsy
     ("--config.dit.micro_steps=3", "dit.micro_steps"),
     ("--config.mesh.fsdp=2", "config.mesh.fsdp=2: multi-device training is not available"),
     ("--config.data.path=data/t2i", "config.data.path (i2i data): data/t2i/prompts.txt:1: no source image"),
+    ("--config.reward.dit={'lpipz': 1.0}", "config.reward: dit.lpipz: unknown reward 'lpipz'"),
+    ("--config.model.ckpt={tmp}/none", "config.model.ckpt: {tmp}/none: no such directory"),
+    ("--config.model.ckpt={tmp}/torch", "config.model.ckpt: {tmp}/torch: a PyTorch"),
+    ("--config.model.ckpt={tmp}/torch", "convert it once with `python -m conversion.from_torch --src {tmp}/torch"),
 ])
 def test_bad_config_is_one_line(override, needle, tmp_path, capsys):
+    """Each bad field is a one-line error naming it, raised before the run writes anything to its workdir."""
     spec = "configs/i2i.py:tiny" if "data.path" in override else "configs/t2i.py:tiny"
-    rc = train.main(["--config", spec, "--workdir", str(tmp_path / "w"), override])
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "model_index.json").write_text("{}")
+    rc = train.main(["--config", spec, "--workdir", str(tmp_path / "w"), override.replace("{tmp}", str(tmp_path))])
     assert rc == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and needle in err, err
+    assert err.startswith("error:") and "\n" not in err and needle.replace("{tmp}", str(tmp_path)) in err, err
+    assert not (tmp_path / "w").exists()
 
 
 def test_i2i_needs_one_source_count_per_run(tmp_path, capsys):

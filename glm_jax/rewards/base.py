@@ -320,7 +320,10 @@ def build_reward_sets(config: Any) -> dict[str, RewardSet]:
     for s in SETS:
         weights[s] = {}
         for name, w in _as_dict(cfg.get(s), f"reward set '{s}'").items():
-            _lookup(name)
+            try:
+                _lookup(name)
+            except RewardError as e:
+                raise RewardError(f"{s}.{name}: {e}") from None
             try:
                 wf = float(w)
             except (TypeError, ValueError):
