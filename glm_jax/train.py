@@ -766,6 +766,9 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
         it.restore(meta["data"])
         start = step
         log(f"resumed from {ckpt.directory} at step {step}")
+        if step >= cfg.train.steps:
+            log(f"the run is complete ({step} of train.steps={cfg.train.steps}); nothing to train (raise "
+                "--config.train.steps to continue it)")
 
     monitor = Monitor(workdir, total_steps=cfg.train.steps, start_step=start, is_main=jax.process_index() == 0)
     stop = StopSignal()

@@ -112,8 +112,13 @@ def test_resume_is_exact_with_ema(dit_run, tmp_path, capsys):
     assert sorted(os.listdir(resumed / "checkpoints")) == ["1", "2"]
     capsys.readouterr()
     assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(resumed), *args]) == 0
-    assert "resumed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resumed" in err and "the run is complete" not in err
     a, b = _state(straight, 3), _state(resumed, 3)
+    # a rerun of the finished run trains nothing more and says so
+    assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(resumed), *args]) == 0
+    assert "the run is complete (3 of train.steps=3)" in capsys.readouterr().err
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["1", "2", "3"]
     assert sorted(a) == sorted(b) and any("ema" in k for k in a)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
