@@ -84,6 +84,29 @@ def _subtree(tree: dict, keys: tuple[str, ...]):
     return tree
 
 
+def _item_metadata(path: str):
+    """The saved tree of the orbax item at `path` (a step's `state/`). Orbax logs a warning that the step-level
+    `_CHECKPOINT_METADATA` file is not in the item's directory, where it never is; that message is dropped."""
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    class _DropStepMetadataWarning(logging.Filter):
+        def filter(self, record):
+            return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+    drop = _DropStepMetadataWarning()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+    return getattr(meta, "tree", meta)
+
+
 def read_state(path: str, subtrees: list[tuple[str, ...]]) -> dict:
     """The subtrees at the key paths `subtrees` of the orbax pytree checkpoint at `path`, as nested dicts of host
     `np.ndarray`s in their saved dtypes; nothing else of the checkpoint is read.
@@ -93,8 +116,7 @@ def read_state(path: str, subtrees: list[tuple[str, ...]]) -> dict:
     restore is partial: the arrays outside `subtrees` (e.g. optimizer moments) are neither read nor decoded."""
     import jax
     import orbax.checkpoint as ocp
-    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
-    tree = getattr(meta, "tree", meta)
+    tree = _item_metadata(path)
     item: dict = {}
     for keys in subtrees:
         dst = item
@@ -124,10 +146,8 @@ def run_params(workdir: str, step: int | None = None, *, ema: bool = False) -> t
     """`(step, {part: {nnx path: np.ndarray}})`: the trained params (or the EMA) of a run's checkpoint at `step`
     (default: the newest complete one), read to host memory in their saved dtypes whatever mesh saved them (see
     `read_state`; the optimizer state and, without `ema`, the EMA are not read)."""
-    import orbax.checkpoint as ocp
     step, path = state_path(workdir, step)
-    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
-    saved = getattr(meta, "tree", meta)
+    saved = _item_metadata(path)
     parts = [p for p in SLOTS if p in saved]
     if ema:
         if "ema" not in saved:
