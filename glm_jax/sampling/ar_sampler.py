@@ -299,7 +299,8 @@ def sample_tokens(model, input_ids_BL: jax.Array, attention_mask_BL: jax.Array, 
     pos_xs = jnp.moveaxis(decode_positions_3BN[:, :, :n_tok - 2], 2, 0)
     _, (toks, lps) = jax.lax.scan(body, (cache, tok0), (steps, pos_xs))
     if progress is not None and progress_every > 0:
-        jax.debug.callback(progress, n_tok, n_tok)
+        # the last tokens as an operand: without a data dependency XLA may run this callback before the loop
+        jax.debug.callback(lambda _last, n, total: progress(n, total), toks[-1], n_tok, n_tok)
     tokens = jnp.concatenate([tok0[:, None], toks.T, jnp.full((b, 1), eos_id, jnp.int32)], axis=1)
     logprobs = jnp.concatenate([lp0[:, None], lps.T, jnp.zeros((b, 1), jnp.float32)], axis=1)
     return tokens, logprobs
