@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import jax
@@ -111,3 +112,13 @@ def torch_state_dict(module: nnx.Module, rules: list[Rule]) -> dict[str, np.ndar
         v = var.get_value() if hasattr(var, "get_value") else var.value
         out[key] = jax_to_torch_array(np.asarray(v), rule.transform)
     return out
+
+
+def progress_bar(total: int, desc: str, unit: str = "tensor", unit_scale: bool = False):
+    """A tqdm bar on stderr for a conversion's long loops, shown only on a terminal; None without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())

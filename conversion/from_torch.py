@@ -18,19 +18,10 @@ import shutil
 import sys
 import time
 
-from conversion.apply import ConversionError, convert_tensors, param_shapes
+from conversion.apply import ConversionError, convert_tensors, param_shapes, progress_bar
 from conversion.safetensors_io import SafetensorsError, SafetensorsFile, list_weight_files
 from glm_jax.checkpoint import FORMAT_VERSION, MANIFEST, abstract_model, publish_dir, save_params
 from glm_jax.components import COMPONENTS, FILE_SLOTS, component_dir_kind, detect_component, read_json
-
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
-                    disable=not sys.stderr.isatty())
-    except ImportError:  # pragma: no cover
-        return None
 
 
 def convert_component(src: str, dst: str, expect_slot: str | None = None) -> str:
@@ -52,7 +43,7 @@ def convert_component(src: str, dst: str, expect_slot: str | None = None) -> str
     os.makedirs(out_dir)
     try:
         items = [(k, (lambda f=f, k=k: f.load(k)), f.info(k).shape, f.path) for f in files for k in f.keys()]  # noqa: SIM118
-        bar = _progress(len(items), spec.slot)
+        bar = progress_bar(len(items), spec.slot)
         params = {}
         for path, arr in convert_tensors(items, rules, expected, source=src, ignore=lambda k: k in ignore):
             params[path] = arr

@@ -17,15 +17,17 @@ and `adapter_config.json` (`r`, `lora_alpha`, `target_modules` = the full torch 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 
-from conversion.apply import ConversionError
+from conversion.apply import ConversionError, progress_bar
 from conversion.safetensors_io import PendingTensor, write_sharded
 from conversion.table import LINEAR, find_jax, jax_to_torch_array, torch_shape_for
 from glm_jax.checkpoint import load_params, publish_dir, read_manifest
@@ -68,7 +70,20 @@ def export_component(ckpt: str, slot: str, out_dir: str, max_shard_size: int,
     for name in sorted(os.listdir(src)):
         if name.endswith(".json"):
             shutil.copy2(os.path.join(src, name), os.path.join(out_dir, name))
-    return write_sharded(out_dir, spec.weights_stem, pending, max_shard_size)
+    bar = progress_bar(sum(t.nbytes for t in pending), slot, unit="B", unit_scale=True)
+    if bar is not None:
+        def counted(t: PendingTensor) -> PendingTensor:
+            def produce():
+                arr = t.produce()
+                bar.update(t.nbytes)
+                return arr
+            return dataclasses.replace(t, produce=produce)
+        pending = [counted(t) for t in pending]
+    try:
+        return write_sharded(out_dir, spec.weights_stem, pending, max_shard_size)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def lora_params(ckpt: str, slot: str, manifest: dict, params: dict[str, np.ndarray] | None
@@ -125,12 +140,20 @@ def export_slot(ckpt: str, slot: str, manifest: dict, out_dir: str, lora_dir: st
     export_component(ckpt, slot, out_dir, max_shard_size, params)
 
 
+def _export_slot_logged(log, ckpt: str, slot: str, *args) -> None:
+    t0 = time.time()
+    export_slot(ckpt, slot, *args)
+    log(f"exported {slot} in {time.time() - t0:.1f}s")
+
+
 def export(ckpt: str, dst: str, *, max_shard_size: int = 5 * 10 ** 9, overwrite: bool = False,
-           params_override: dict[str, dict[str, np.ndarray]] | None = None, lora: str = "merge") -> None:
+           params_override: dict[str, dict[str, np.ndarray]] | None = None, lora: str = "merge",
+           log=lambda _msg: None) -> None:
     """Writes the PyTorch layout of checkpoint `ckpt` into `dst` (via a temporary directory and a rename).
 
     `lora`: "merge" folds stored LoRA adapters into the weights; "separate" writes the base weights and each
-    adapted component's adapters to `dst/<slot>_lora/` (PEFT format)."""
+    adapted component's adapters to `dst/<slot>_lora/` (PEFT format). `log` gets a line per component written
+    (the CLI prints them; a byte progress bar runs on a terminal)."""
     if lora not in LORA_MODES:
         raise ConversionError(f"--lora {lora!r}: expected one of {', '.join(LORA_MODES)}")
     try:
@@ -148,8 +171,9 @@ def export(ckpt: str, dst: str, *, max_shard_size: int = 5 * 10 ** 9, overwrite:
         slots = list(manifest["components"])
         if manifest.get("source_layout") == "pipeline":
             for slot in slots:
-                export_slot(ckpt, slot, manifest, os.path.join(tmp, slot), os.path.join(tmp, f"{slot}_lora"),
-                            max_shard_size, params_override.get(slot), lora)
+                _export_slot_logged(log, ckpt, slot, manifest, os.path.join(tmp, slot),
+                                    os.path.join(tmp, f"{slot}_lora"), max_shard_size, params_override.get(slot),
+                                    lora)
             for slot in FILE_SLOTS:
                 if os.path.isdir(os.path.join(ckpt, slot)):
                     shutil.copytree(os.path.join(ckpt, slot), os.path.join(tmp, slot))
@@ -157,8 +181,8 @@ def export(ckpt: str, dst: str, *, max_shard_size: int = 5 * 10 ** 9, overwrite:
         else:
             if len(slots) != 1:
                 raise ConversionError(f"{ckpt}: a component checkpoint must hold exactly one component")
-            export_slot(ckpt, slots[0], manifest, tmp, os.path.join(tmp, f"{slots[0]}_lora"), max_shard_size,
-                        params_override.get(slots[0]), lora)
+            _export_slot_logged(log, ckpt, slots[0], manifest, tmp, os.path.join(tmp, f"{slots[0]}_lora"),
+                                max_shard_size, params_override.get(slots[0]), lora)
         publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         export(args.src, args.dst, max_shard_size=parse_size(args.max_shard_size), overwrite=args.overwrite,
-               lora=args.lora)
+               lora=args.lora, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
