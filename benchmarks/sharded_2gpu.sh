@@ -3,6 +3,7 @@
 #   bash benchmarks/sharded_2gpu.sh dit       # DiT full fine-tuning on 2 GPUs: 1 process, 2 processes
 #   bash benchmarks/sharded_2gpu.sh dit_lora  # DiT LoRA: 1 GPU vs 2 GPUs
 #   bash benchmarks/sharded_2gpu.sh ar1       # AR (real size) LoRA on 1 GPU
+#   bash benchmarks/sharded_2gpu.sh ar1_tune  # AR LoRA on 1 GPU: remat dots / full x micro-batch 1-8
 #   bash benchmarks/sharded_2gpu.sh ar        # AR (real size) LoRA on 2 GPUs: 1 process, 2 processes
 # Each run is its own process (fresh GPU memory); logs and JSON go to $OUT.
 set -u
@@ -20,6 +21,13 @@ dit_lora)    # the same 1 sample per device
     ;;
 ar1)
     CUDA_VISIBLE_DEVICES=0 tagged ar_lora64_1gpu 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 2
+    ;;
+ar1_tune)    # AR LoRA on 1 GPU, 8 sequences per step: remat policy x micro-batch; ATTN=xla for XLA's attention
+    for rm in "dots 1" "full 2" "full 4" "full 8"; do
+        set -- $rm
+        CUDA_VISIBLE_DEVICES=0 tagged ar_lora64_1gpu_${ATTN:+${ATTN}_}$1_m$2 170 python -m benchmarks.sharded_gpu --part ar --lora 64 \
+            --batch-per-device 8 --micro $2 --remat $1 --attention "${ATTN:-}"
+    done
     ;;
 ar)          # the same 8 sequences per device, 2 per micro-batch per device
     tagged ar_lora64_fsdp2_1proc 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4

@@ -22,6 +22,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
+import dataclasses
 import time
 
 from glm_jax import distributed
@@ -162,10 +163,15 @@ def main(argv=None):
     ap.add_argument("--samples-per-device", type=int, default=1, help="DiT samples per device")
     ap.add_argument("--batch-per-device", type=int, default=8, help="AR sequences per device")
     ap.add_argument("--micro", type=int, default=4, help="AR micro-batch (global)")
-    ap.add_argument("--attention", default="", help="'' = cuDNN on GPU, else 'xla'")
+    ap.add_argument("--attention", default="", help="'' = cuDNN on GPU, else 'xla' (DiT; the AR's "
+                    "teacher-forced pass)")
     ap.add_argument("--glyph", type=int, default=0, help="DiT glyph tokens (0: 256, 8 in smoke mode); e.g. 251 "
                     "for a stream the DiT pads to a multiple of 8 rows")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--compile-only", default="", help="AR: comma-separated micro-batch sizes; compile the update "
+                    "for each and record XLA's memory analysis (temporaries, arguments, outputs) without running")
+    ap.add_argument("--profile", action="store_true", help="also a kernel trace of one more step (process 0): "
+                    "GPU time by category and the top kernels into the JSON (`benchmarks.trace_summary`)")
     a = ap.parse_args(argv)
     distributed.initialize()
     import jax
@@ -193,7 +199,11 @@ def main(argv=None):
     if a.part == "dit":
         module.remat = a.remat
     else:
+        from glm_jax.pipeline import set_ar_train_attention
         module.text.remat = a.remat
+        attn = a.attention or ("cudnn" if jax.default_backend() == "gpu" else None)
+        set_ar_train_attention(module, attn)
+        res["ar_train_attention"] = attn
     graphdef, ts, tx = train_state(module, T.dit_trainable if a.part == "dit" else T.ar_trainable, a.lora, mesh)
     del module
     jax_sync(ts)
@@ -212,6 +222,22 @@ def main(argv=None):
             n_codes=info["n_codes"], eos_id=info["eos"], sampling=SamplingParams(temperature=0.9, top_k=None,
                                                                                   top_p=0.75),
             micro_batch=a.micro))
+    if a.compile_only:
+        res["compiled"] = {}
+        batch_sh = S.batch_shardings(batch, mesh)
+        for micro in (int(x) for x in a.compile_only.split(",")):
+            spec_m = dataclasses.replace(spec, loss=dataclasses.replace(spec.loss, micro_batch=micro))
+            t0 = time.time()
+            fn = S.ShardedUpdate(a.part, spec_m, mesh, ts)._fn("update", batch_sh, None, batch)
+            with jax.set_mesh(mesh):
+                mem = fn.jitted.lower(ts, batch).compile().memory_analysis()
+            row = {k: getattr(mem, f"{k}_size_in_bytes") / 2 ** 30 for k in ("temp", "argument", "output", "alias")}
+            row["compile_s"] = time.time() - t0
+            res["compiled"][micro] = row
+            log(f"micro-batch {micro}: temporaries {row['temp']:.2f} GiB, arguments {row['argument']:.2f} GiB, "
+                f"outputs {row['output']:.2f} GiB, compile {row['compile_s']:.0f}s")
+            save()
+        return
     step = S.ShardedUpdate(a.part, spec, mesh, ts)
     t0 = time.time()
     ts, m = step.update(ts, batch)
@@ -231,6 +257,21 @@ def main(argv=None):
                grad_norm=float(m["grad_norm"]))
     log(f"step {med:.3f}s for {b} samples, MFU {res['mfu']:.3f}, peak per device {res['peak_gib_per_device']}")
     save()
+    if a.profile:
+        import tempfile
+
+        from benchmarks.trace_summary import summarise
+        tdir = tempfile.mkdtemp(prefix="trace_sharded_")
+        with jax.profiler.trace(tdir, create_perfetto_trace=True):
+            ts, m = step.update(ts, batch)
+            jax_sync(m)
+        if jax.process_index() == 0:
+            res["profile"] = summarise(tdir, top=40, steps=1)
+            for c, v in res["profile"]["categories"].items():
+                log(f"{c}: {v['us_per_step'] / 1e3:.1f} ms, {v['calls_per_step']:.0f} kernels")
+            for row in res["profile"]["top"][:25]:
+                log(f"  {row['us_per_step'] / 1e3:7.2f} ms  x{row['calls_per_step']:.0f}  {row['name'][:100]}")
+            save()
 
 
 if __name__ == "__main__":

@@ -87,9 +87,10 @@ class GlmImageStack:
 
         `dtype` is the compute dtype of the AR and DiT (the VAE and T5 keep float32 compute, brief §6);
         `param_dtype=None` keeps the stored parameter dtypes. `dit_remat` / `ar_remat` set the DiT blocks' / AR
-        text layers' rematerialisation policy (`glm_jax.models.remat`) for training; `attention` the `dot_product_attention` implementation of
-        the DiT. `components` picks which of ar / dit / vae / t5 to load. `mesh`: every parameter is restored
-        straight into its logical-axis sharding on that mesh (`glm_jax.sharded_load`; each process reads only
+        text layers' rematerialisation policy (`glm_jax.models.remat`) for training; `attention` the
+        `dot_product_attention` implementation of the DiT and of the AR's training pass
+        (`set_ar_train_attention`). `components` picks which of ar / dit / vae / t5 to load. `mesh`: every
+        parameter is restored straight into its logical-axis sharding on that mesh (`glm_jax.sharded_load`; each process reads only
         its shards), as a multi-device trainer needs.
         """
         from glm_jax.checkpoint import load_model
@@ -116,6 +117,8 @@ class GlmImageStack:
             if name == "ar":
                 ar_cfg = cfg
                 module.text.remat = check_policy(ar_remat)
+                if attention:
+                    set_ar_train_attention(module, attention)
             loaded[name] = split(module)
         sched_path = os.path.join(ckpt, "scheduler", "scheduler_config.json")
         with open(sched_path) as f:
@@ -158,6 +161,14 @@ class GlmImageStack:
     def schedule(self, num_steps: int, height: int, width: int) -> FlowSchedule:
         """The pipeline's fp32 flow schedule for `num_steps` at `height x width`."""
         return flow_schedule(num_steps, height, width, self.scheduler_config)
+
+
+def set_ar_train_attention(ar, implementation: str | None) -> None:
+    """The `dot_product_attention` implementation of the AR text layers' cache-free calls (the update's teacher-
+    forced pass): `"cudnn"` makes it cuDNN's flash attention, whose memory grows with the sequence instead of its
+    square. Sampling (prefill over the KV cache, one-token steps) is unchanged."""
+    for layer in ar.text.layers:
+        layer.self_attn.train_implementation = implementation
 
 
 def load_prompt_builder(ckpt: str):

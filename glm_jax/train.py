@@ -731,6 +731,10 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
                                attention=cfg.model.attention or None, mesh=mesh if mesh.size > 1 else None)
     stack.prompts.check_target_size(H, W)
+    if not cfg.model.attention and jax.default_backend() == "gpu":
+        log("note: model.attention='' runs XLA's attention, which materialises the attention scores; on GPUs "
+            "--config.model.attention=cudnn (flash attention in the DiT and in the AR update) is faster and needs "
+            "less memory (docs/training.md, 'Attention')")
     if n_sources:
         from glm_jax.prompts import source_agreement
         why = source_agreement(H, W, stack.prompts.image_config)

@@ -220,6 +220,10 @@ class TextAttention(nnx.Module):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.implementation = implementation
+        # the `dot_product_attention` implementation of calls without a cache (training / re-scoring, the only
+        # differentiated path); None = `implementation`. Set by `GlmImageStack.load(attention=...)` from the
+        # config's `model.attention`, so that the rollouts' prefill keeps `implementation`
+        self.train_implementation: AttentionImpl = None
         # one-token steps over a cache: "auto" (Pallas kernel on GPU when the cache has a multiple of 128 slots
         # and no `tensor` mesh axis splits the heads, else einsum), "einsum" (`decode_attention`), "pallas"
         # (`decode_attention_pallas`, per device under a mesh) or "dpa"
@@ -270,8 +274,10 @@ class TextAttention(nnx.Module):
             k, v = k_cache.swapaxes(1, 2).astype(q.dtype), v_cache.swapaxes(1, 2).astype(q.dtype)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k, v = (constrain(x, ("batch", "length", "kv_heads", "head_dim")) for x in (k, v))
+        impl = self.implementation if kv is not None or self.train_implementation is None \
+            else self.train_implementation
         o = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None], scale=self.head_dim ** -0.5,
-                                         implementation=self.implementation)
+                                         implementation=impl)
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
