@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         export(args.src, args.dst, max_shard_size=parse_size(args.max_shard_size), overwrite=args.overwrite,
-               lora=args.lora, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+               lora=args.lora, log=lambda msg: print(msg, flush=True))
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

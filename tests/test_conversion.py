@@ -60,7 +60,7 @@ def test_ar_round_trip_bit_exact(ar_dirs, which, tmp_path, capsys):
     assert from_torch.main(["--src", src, "--dst", str(ckpt)]) == 0
     capsys.readouterr()
     assert to_torch.main(["--src", str(ckpt), "--dst", str(back), "--max-shard-size", "400KB"]) == 0
-    assert "exported vision_language_encoder in " in capsys.readouterr().err    # a line per component written
+    assert "exported vision_language_encoder in " in capsys.readouterr().out    # a line per component written
     assert len(list_weight_files(str(back))) > 1          # written back sharded, with an index
     assert_same_tensors(read_all(src), read_all(str(back)))
     with open(os.path.join(src, "config.json")) as f1, open(back / "config.json") as f2:
