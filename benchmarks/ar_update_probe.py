@@ -146,16 +146,14 @@ def main():
     if a.profile:
         import tempfile
 
-        from benchmarks.trace_summary import summarise
+        from benchmarks.trace_summary import summarise, summary_lines
         tdir = tempfile.mkdtemp(prefix="trace_ar_update_")
         with jax.profiler.trace(tdir, create_perfetto_trace=True):
             ts, m = next(iter(compiled.values()))(ts, batch)
             jax_sync(m)
         res["profile"] = summarise(tdir, top=40, steps=1)
-        for c, v in res["profile"]["categories"].items():
-            log(f"{c}: {v['us_per_step'] / 1e3:.1f} ms, {v['calls_per_step']:.0f} kernels")
-        for row in res["profile"]["top"][:15]:
-            log(f"  {row['us_per_step'] / 1e3:7.2f} ms  x{row['calls_per_step']:.0f}  {row['name'][:90]}")
+        for line in summary_lines(res["profile"]):
+            log(line)
         from benchmarks.trace_summary import op_sequence
         with open(os.path.join(os.environ.get("OUT", "out"), "ar_update_probe_ops.tsv"), "w") as f:
             f.writelines(f"{op}\t{k}\t{d:.1f}\n" for op, k, d in op_sequence(tdir))

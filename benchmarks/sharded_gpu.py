@@ -93,8 +93,7 @@ def dit_case(a, mesh, n_dev):
     if a.layers:
         conf["num_layers"] = a.layers
     cfg = DiTConfig.from_hf(conf)
-    import jax
-    attn = a.attention or ("cudnn" if jax.default_backend() == "gpu" else None)
+    attn = default_attention(a)
 
     def build():
         from flax import nnx
@@ -116,6 +115,12 @@ def dit_case(a, mesh, n_dev):
     # forward + backward: 3x the forward (2x without weight gradients: LoRA on frozen kernels)
     flops = (2 if a.lora else 3) * dit_flops(cfg, (h // 16) * (w // 16), t_glyph, 0) * b
     return build, batch, flops, b, {"dit_layers": cfg.num_layers, "resolution": h, "glyph_tokens": t_glyph}
+
+
+def default_attention(a) -> str | None:
+    """`--attention`, else cuDNN on a GPU (XLA's elsewhere): the DiT's, and the AR's teacher-forced pass."""
+    import jax
+    return a.attention or ("cudnn" if jax.default_backend() == "gpu" else None)
 
 
 def ar_case(a, mesh, n_dev):
@@ -202,9 +207,8 @@ def main(argv=None):
     else:
         from glm_jax.pipeline import set_ar_train_attention
         module.text.remat = a.remat
-        attn = a.attention or ("cudnn" if jax.default_backend() == "gpu" else None)
+        res["ar_train_attention"] = attn = default_attention(a)
         set_ar_train_attention(module, attn)
-        res["ar_train_attention"] = attn
     graphdef, ts, tx = train_state(module, T.dit_trainable if a.part == "dit" else T.ar_trainable, a.lora, mesh)
     del module
     jax_sync(ts)
@@ -261,17 +265,15 @@ def main(argv=None):
     if a.profile:
         import tempfile
 
-        from benchmarks.trace_summary import summarise
+        from benchmarks.trace_summary import summarise, summary_lines
         tdir = tempfile.mkdtemp(prefix="trace_sharded_")
         with jax.profiler.trace(tdir, create_perfetto_trace=True):
             ts, m = step.update(ts, batch)
             jax_sync(m)
         if jax.process_index() == 0:
             res["profile"] = summarise(tdir, top=40, steps=1)
-            for c, v in res["profile"]["categories"].items():
-                log(f"{c}: {v['us_per_step'] / 1e3:.1f} ms, {v['calls_per_step']:.0f} kernels")
-            for row in res["profile"]["top"][:25]:
-                log(f"  {row['us_per_step'] / 1e3:7.2f} ms  x{row['calls_per_step']:.0f}  {row['name'][:100]}")
+            for line in summary_lines(res["profile"], top=25, width=100):
+                log(line)
             save()
 
 

@@ -76,6 +76,15 @@ def summarise(trace_dir: str, top: int = 40, steps: int = 1) -> dict:
             "kernels_per_step": sum(count.values()) / steps, "categories": cats, "top": rows}
 
 
+def summary_lines(summary: dict, top: int = 15, width: int = 90) -> list[str]:
+    """`summarise`'s result as log lines: GPU time and kernels per category, then the `top` kernels by time."""
+    lines = [f"{c}: {v['us_per_step'] / 1e3:.1f} ms, {v['calls_per_step']:.0f} kernels"
+             for c, v in summary["categories"].items()]
+    lines += [f"  {row['us_per_step'] / 1e3:7.2f} ms  x{row['calls_per_step']:.0f}  {row['name'][:width]}"
+              for row in summary["top"][:top]]
+    return lines
+
+
 def op_sequence(trace_dir: str) -> list[tuple[str, str, float]]:
     """GPU kernels of the last step in launch order as `(XLA instruction, kernel, microseconds)`. The instruction
     is recorded only where XLA launches kernels one by one (`--xla_gpu_enable_command_buffer=` turns CUDA graphs

@@ -127,9 +127,10 @@ def write_peft_adapter(out_dir: str, slot: str, params: dict[str, np.ndarray], l
 
 
 def export_slot(ckpt: str, slot: str, manifest: dict, out_dir: str, lora_dir: str, max_shard_size: int,
-                params: dict[str, np.ndarray] | None, lora: str) -> None:
+                params: dict[str, np.ndarray] | None, lora: str, log=lambda _msg: None) -> None:
     """One component: weights into `out_dir`, with its LoRA adapters merged or (`lora="separate"`) written to
-    `lora_dir` in PEFT format."""
+    `lora_dir` in PEFT format; `log` gets a line when it is written."""
+    t0 = time.time()
     params, lora_cfg = lora_params(ckpt, slot, manifest, params)
     if lora_cfg is not None:
         if lora == "merge":
@@ -138,11 +139,6 @@ def export_slot(ckpt: str, slot: str, manifest: dict, out_dir: str, lora_dir: st
             write_peft_adapter(lora_dir, slot, params, lora_cfg)
             params = {k: v for k, v in params.items() if not is_adapter_key(k)}
     export_component(ckpt, slot, out_dir, max_shard_size, params)
-
-
-def _export_slot_logged(log, ckpt: str, slot: str, *args) -> None:
-    t0 = time.time()
-    export_slot(ckpt, slot, *args)
     log(f"exported {slot} in {time.time() - t0:.1f}s")
 
 
@@ -171,9 +167,8 @@ def export(ckpt: str, dst: str, *, max_shard_size: int = 5 * 10 ** 9, overwrite:
         slots = list(manifest["components"])
         if manifest.get("source_layout") == "pipeline":
             for slot in slots:
-                _export_slot_logged(log, ckpt, slot, manifest, os.path.join(tmp, slot),
-                                    os.path.join(tmp, f"{slot}_lora"), max_shard_size, params_override.get(slot),
-                                    lora)
+                export_slot(ckpt, slot, manifest, os.path.join(tmp, slot), os.path.join(tmp, f"{slot}_lora"),
+                            max_shard_size, params_override.get(slot), lora, log)
             for slot in FILE_SLOTS:
                 if os.path.isdir(os.path.join(ckpt, slot)):
                     shutil.copytree(os.path.join(ckpt, slot), os.path.join(tmp, slot))
@@ -181,8 +176,8 @@ def export(ckpt: str, dst: str, *, max_shard_size: int = 5 * 10 ** 9, overwrite:
         else:
             if len(slots) != 1:
                 raise ConversionError(f"{ckpt}: a component checkpoint must hold exactly one component")
-            _export_slot_logged(log, ckpt, slots[0], manifest, tmp, os.path.join(tmp, f"{slots[0]}_lora"),
-                                max_shard_size, params_override.get(slots[0]), lora)
+            export_slot(ckpt, slots[0], manifest, tmp, os.path.join(tmp, f"{slots[0]}_lora"), max_shard_size,
+                        params_override.get(slots[0]), lora, log)
         publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

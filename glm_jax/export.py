@@ -95,15 +95,12 @@ def _item_metadata(path: str):
         def filter(self, record):
             return "_CHECKPOINT_METADATA" not in record.getMessage()
 
-    drop = _DropStepMetadataWarning()
-    loggers = [logging.getLogger("absl"), logging.getLogger()]
-    for lg in loggers:
-        lg.addFilter(drop)
+    drop, absl_log = _DropStepMetadataWarning(), logging.getLogger("absl")
+    absl_log.addFilter(drop)
     try:
         meta = ocp.StandardCheckpointer().metadata(path).item_metadata
     finally:
-        for lg in loggers:
-            lg.removeFilter(drop)
+        absl_log.removeFilter(drop)
     return getattr(meta, "tree", meta)
 
 
