@@ -44,7 +44,7 @@ def base_config() -> ConfigDict:
         ckpt="",                         # glm_jax checkpoint dir; "" = the embedded tiny random GLM-Image
         dtype="bfloat16",                # compute dtype
         param_dtype="float32",           # stored / trained parameter dtype (optimizer state is always fp32)
-        attention="",                    # "" (XLA picks), "xla" or "cudnn"
+        attention="",                    # "" (auto: cuDNN on GPUs in bf16, else XLA), "xla" or "cudnn"
         remat="none",                    # DiT / AR layer remat: none | full | dots | dots_attention | dots_all
     ))
     c.data = ConfigDict(dict(

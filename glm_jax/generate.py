@@ -41,6 +41,8 @@ def _parse(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="compute dtype (default bfloat16 on GPU, float32 on CPU)")
+    ap.add_argument("--attention", default="", choices=["", "xla", "cudnn"],
+                    help="the DiT's attention: '' (default) cuDNN flash attention on a GPU in bfloat16, else XLA's")
     ap.add_argument("--out", required=True, help="output directory")
     return ap.parse_args(argv)
 
@@ -53,6 +55,16 @@ def _fail(msg: str) -> int:
 def _bar(total: int, desc: str, unit: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def host_callbacks_available() -> bool:
+    """Whether `jax.debug.callback` can run: it needs JAX's CPU platform, which `JAX_PLATFORMS=cuda` (without
+    `,cpu`) leaves out."""
+    import jax
+    try:
+        return bool(jax.devices("cpu"))
+    except RuntimeError:
+        return False
 
 
 def _read_prompts(args) -> list[str]:
@@ -91,7 +103,7 @@ def generate(args) -> dict:
     from glm_jax import glyph
     from glm_jax.checkpoint import component_config, load_model
     from glm_jax.components import read_json
-    from glm_jax.pipeline import prior_ids, upsample_grid
+    from glm_jax.pipeline import prior_ids, resolve_attention, set_dit_attention, upsample_grid
     from glm_jax.prompts import PromptBuilder
     from glm_jax.sampling import flow
     from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_ar
@@ -130,6 +142,8 @@ def generate(args) -> dict:
 
     ar_cfg, ar = load_model(ckpt, "vision_language_encoder", dtype=dtype)
     dit_cfg, dit = load_model(ckpt, "transformer", dtype=dtype)
+    dit_attention, _ = resolve_attention(args.attention, dtype=dtype, backend=jax.default_backend())
+    set_dit_attention(dit, dit_attention)
     _, vae = load_model(ckpt, "vae", dtype=dtype)
     _, t5 = load_model(ckpt, "text_encoder", dtype=jnp.float32)
     timings["load_s"] = time.perf_counter() - t0
@@ -160,6 +174,10 @@ def generate(args) -> dict:
     n_codes = dit_cfg.prior_vq_quantizer_codebook_size
     top_k = args.top_k or n_codes
     params = SamplingParams(temperature=args.temperature, top_k=top_k, top_p=args.top_p)
+    callbacks = host_callbacks_available()
+    if not callbacks:
+        print("note: no AR token progress: JAX_PLATFORMS leaves out 'cpu', which the in-loop progress callback "
+              "needs (JAX_PLATFORMS=cuda,cpu keeps it)", file=sys.stderr)
     bar = _bar(layout.n_tokens, "AR tokens", "tok")
 
     def progress(n, total):
@@ -170,9 +188,11 @@ def generate(args) -> dict:
     graphdef, state = nnx.split(ar)
     roll = sample_ar(graphdef, state, input_ids, jnp.asarray(batch.attention_mask), jnp.asarray(batch.position_ids),
                      jnp.asarray(batch.decode_position_ids), k_ar, params, n_codes=n_codes,
-                     eos_id=ar_cfg.image_end_token_id, layout=layout, progress=progress,
+                     eos_id=ar_cfg.image_end_token_id, layout=layout, progress=progress if callbacks else None,
                      progress_every=max(layout.n_tokens // 50, 1))
     jax.block_until_ready(roll.tokens)
+    if not callbacks:
+        bar.update(layout.n_tokens)
     bar.close()
     timings["ar_s"] = time.perf_counter() - t2
 
@@ -218,7 +238,8 @@ def generate(args) -> dict:
     record = {"ckpt": ckpt, "prompts": prompts, "sources": args.image, "height": args.height,
               "width": args.width, "num_images": args.num_images, "steps": args.steps, "guidance": args.guidance,
               "temperature": args.temperature, "top_p": args.top_p, "top_k": top_k, "seed": args.seed,
-              "dtype": jnp.dtype(dtype).name, "backend": jax.default_backend(), "files": files,
+              "dtype": jnp.dtype(dtype).name, "backend": jax.default_backend(),
+              "attention": dit_attention or "xla", "files": files,
               "ar_tokens_per_image": layout.n_tokens, "timings": timings}
     tmp = os.path.join(args.out, "generation.json.tmp")
     with open(tmp, "w") as f:

@@ -690,7 +690,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.grpo import rollout as R
     from glm_jax.grpo.advantages import compute_advantages
     from glm_jax.monitor import Monitor, image_grid
-    from glm_jax.pipeline import GlmImageStack
+    from glm_jax.pipeline import GlmImageStack, describe_attention, resolve_attention
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.rewards.base import component_metrics
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
@@ -728,13 +728,12 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             raise ValueError(f"config.model.ckpt: {e}") from None
     ckpt_dir = cfg.model.ckpt or embedded_checkpoint(cfg.seed)
     # several devices: every parameter restored straight into its sharding (each process reads its shards)
+    dit_attn, ar_attn = resolve_attention(cfg.model.attention, dtype=dtype, backend=jax.default_backend(),
+                                          devices=mesh.size)
     stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
-                               attention=cfg.model.attention or None, mesh=mesh if mesh.size > 1 else None)
+                               attention=dit_attn, ar_attention=ar_attn, mesh=mesh if mesh.size > 1 else None)
     stack.prompts.check_target_size(H, W)
-    if not cfg.model.attention and jax.default_backend() == "gpu":
-        log("note: model.attention='' runs XLA's attention, which materialises the attention scores; on GPUs "
-            "--config.model.attention=cudnn (flash attention in the DiT and in the AR update) is faster and needs "
-            "less memory (docs/training.md, 'Attention')")
+    log(f"attention: {describe_attention(dit_attn, ar_attn)} (model.attention={cfg.model.attention!r})")
     if n_sources:
         from glm_jax.prompts import source_agreement
         why = source_agreement(H, W, stack.prompts.image_config)
@@ -744,7 +743,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     # static shapes: every batch is padded to the longest prompt / glyph sequence of the data (train and eval)
     all_prompts = [e.prompt for ds in (train_ds, eval_ds) if ds is not None for e in ds.examples]
     max_len = prompt_length(stack.prompts, all_prompts, H, W, n_sources)
-    max_len += cudnn_parity_pad(cfg.model.attention, cfg.mode, max_len, H, W)
+    max_len += cudnn_parity_pad(ar_attn or "", cfg.mode, max_len, H, W)
     max_glyph = max(glyph_length(p) for p in all_prompts)
     log(f"data: {train_ds.summary()}" + (f"; eval: {len(eval_ds)} examples" if eval_ds is not None else "")
         + f"; model: {cfg.model.ckpt or 'embedded tiny GLM-Image'}; mode: {cfg.mode}; component: {cfg.component}")

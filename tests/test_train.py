@@ -59,6 +59,7 @@ def test_cli_runs_each_mode_and_component(mode, component, tmp_path, capsys):
     assert os.listdir(work / "eval") == ["step_2.png"]          # evaluation at the end
     err = capsys.readouterr().err
     assert "step 2/2" in err and "checkpoints:" in err and "eval at step 2" in err
+    assert "attention: XLA's attention in the DiT and the AR update (model.attention='')" in err    # CPU
     parts = ["ar", "dit"] if component == "both" else [component]
     tags = _tb_tags(work / "tensorboard")
     for part in parts:
