@@ -248,7 +248,9 @@ def main(argv=None):
     ts, m = step.update(ts, batch)
     jax_sync(m)
     res["compile_and_first_step_s"] = time.time() - t0
-    log(f"first step (compile) {res['compile_and_first_step_s']:.0f}s, loss {float(m['loss']):.4g}")
+    res.update(first_loss=float(m["loss"]), first_grad_norm=float(m["grad_norm"]))
+    log(f"first step (compile) {res['compile_and_first_step_s']:.0f}s, loss {float(m['loss']):.4g}, gradient norm "
+        f"{float(m['grad_norm']):.6g}")
     save()
     times = []
     for _ in range(3):

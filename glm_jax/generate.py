@@ -142,7 +142,7 @@ def generate(args) -> dict:
 
     ar_cfg, ar = load_model(ckpt, "vision_language_encoder", dtype=dtype)
     dit_cfg, dit = load_model(ckpt, "transformer", dtype=dtype)
-    dit_attention, _ = resolve_attention(args.attention, dtype=dtype, backend=jax.default_backend())
+    dit_attention = resolve_attention(args.attention, dtype=dtype, backend=jax.default_backend())
     set_dit_attention(dit, dit_attention)
     _, vae = load_model(ckpt, "vae", dtype=dtype)
     _, t5 = load_model(ckpt, "text_encoder", dtype=jnp.float32)

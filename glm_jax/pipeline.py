@@ -41,7 +41,6 @@ from glm_jax.sampling.schedule import FlowSchedule, flow_schedule
 
 SLOTS = {"ar": "vision_language_encoder", "dit": "transformer", "vae": "vae", "t5": "text_encoder"}
 ATTENTION_SETTINGS = ("", "xla", "cudnn")    # `model.attention`: "" = automatic (`resolve_attention`)
-SAME = "same"                                # `GlmImageStack.load(ar_attention=SAME)`: the AR takes `attention`
 
 
 class Split(NamedTuple):
@@ -84,14 +83,14 @@ class GlmImageStack:
     @classmethod
     def load(cls, ckpt: str, *, dtype=jnp.float32, param_dtype=None, components=("ar", "dit", "vae", "t5"),
              dit_remat: str = "none", attention: str | None = None, shardings=None, ar_remat: str = "none",
-             mesh=None, ar_attention: str | None = SAME) -> GlmImageStack:
+             mesh=None) -> GlmImageStack:
         """Loads a glm_jax checkpoint directory.
 
         `dtype` is the compute dtype of the AR and DiT (the VAE and T5 keep float32 compute, brief §6);
         `param_dtype=None` keeps the stored parameter dtypes. `dit_remat` / `ar_remat` set the DiT blocks' / AR
         text layers' rematerialisation policy (`glm_jax.models.remat`) for training; `attention` the
-        `dot_product_attention` implementation of the DiT and, unless `ar_attention` names another, of the AR's
-        training pass (`set_ar_train_attention`; `resolve_attention` gives both for `model.attention`). `components` picks which of ar / dit / vae / t5 to load. `mesh`: every
+        `dot_product_attention` implementation of the DiT and of the AR's training pass (`set_ar_train_attention`;
+        `resolve_attention` gives it for `model.attention`). `components` picks which of ar / dit / vae / t5 to load. `mesh`: every
         parameter is restored straight into its logical-axis sharding on that mesh (`glm_jax.sharded_load`; each process reads only
         its shards), as a multi-device trainer needs.
         """
@@ -118,9 +117,8 @@ class GlmImageStack:
             if name == "ar":
                 ar_cfg = cfg
                 module.text.remat = check_policy(ar_remat)
-                ar_impl = attention if ar_attention == SAME else ar_attention
-                if ar_impl:
-                    set_ar_train_attention(module, ar_impl)
+                if attention:
+                    set_ar_train_attention(module, attention)
             loaded[name] = split(module)
         sched_path = os.path.join(ckpt, "scheduler", "scheduler_config.json")
         with open(sched_path) as f:
@@ -165,28 +163,24 @@ class GlmImageStack:
         return flow_schedule(num_steps, height, width, self.scheduler_config)
 
 
-def resolve_attention(setting: str, *, dtype, backend: str, devices: int = 1) -> tuple[str | None, str | None]:
-    """The `dot_product_attention` implementations `(dit, ar_update)` that `model.attention` stands for (None:
-    XLA's). `"xla"` / `"cudnn"` name one for both. `""` (the default) picks cuDNN's flash attention where it runs
-    and has been measured: on GPUs with a half-precision compute `dtype`, for the DiT (sampling and update, on
-    one device or a mesh), and for the AR's update pass on one device; the AR's update under a mesh of several
-    devices keeps XLA's attention there (`"cudnn"` asks for cuDNN in it too). Everything else: XLA's attention
-    (cuDNN needs a GPU and float16 / bfloat16)."""
+def resolve_attention(setting: str, *, dtype, backend: str, tensor: int = 1) -> str | None:
+    """The `dot_product_attention` implementation that `model.attention` stands for, in the DiT (sampling and
+    update) and in the AR's update pass (None: XLA's). `"xla"` / `"cudnn"` name it. `""` (the default) picks
+    cuDNN's flash attention where it runs and has been checked: on GPUs with a half-precision compute `dtype`,
+    on one device or a mesh that splits samples and parameters (`data` / `fsdp`); a mesh that splits heads over
+    `tensor` > 1 keeps XLA's attention (cuDNN there is untested; `"cudnn"` asks for it). Otherwise XLA's
+    attention (cuDNN needs a GPU and float16 / bfloat16)."""
     if setting not in ATTENTION_SETTINGS:
         raise ValueError(f"model.attention={setting!r}; expected one of {ATTENTION_SETTINGS}")
     if setting:
-        return setting, setting
-    if backend != "gpu" or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return None, None
-    return "cudnn", ("cudnn" if devices <= 1 else None)
+        return setting
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if backend == "gpu" and half and tensor <= 1 else None
 
 
-def describe_attention(dit: str | None, ar: str | None) -> str:
-    """One line for the run's log: which attention the DiT and the AR update run."""
-    name = {"cudnn": "cuDNN flash attention", "xla": "XLA's attention", None: "XLA's attention"}
-    if dit == ar or (dit in (None, "xla") and ar in (None, "xla")):
-        return f"{name[dit]} in the DiT and the AR update"
-    return f"{name[dit]} in the DiT, {name[ar]} in the AR update"
+def describe_attention(implementation: str | None) -> str:
+    """For the run's log: which attention the DiT and the AR update run."""
+    return "cuDNN flash attention" if implementation == "cudnn" else "XLA's attention"
 
 
 def set_dit_attention(dit, implementation: str | None) -> None:

@@ -728,12 +728,13 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             raise ValueError(f"config.model.ckpt: {e}") from None
     ckpt_dir = cfg.model.ckpt or embedded_checkpoint(cfg.seed)
     # several devices: every parameter restored straight into its sharding (each process reads its shards)
-    dit_attn, ar_attn = resolve_attention(cfg.model.attention, dtype=dtype, backend=jax.default_backend(),
-                                          devices=mesh.size)
+    attention = resolve_attention(cfg.model.attention, dtype=dtype, backend=jax.default_backend(),
+                                  tensor=dict(mesh.shape).get("tensor", 1))
     stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
-                               attention=dit_attn, ar_attention=ar_attn, mesh=mesh if mesh.size > 1 else None)
+                               attention=attention, mesh=mesh if mesh.size > 1 else None)
     stack.prompts.check_target_size(H, W)
-    log(f"attention: {describe_attention(dit_attn, ar_attn)} (model.attention={cfg.model.attention!r})")
+    log(f"attention: {describe_attention(attention)} in the DiT and the AR update "
+        f"(model.attention={cfg.model.attention!r})")
     if n_sources:
         from glm_jax.prompts import source_agreement
         why = source_agreement(H, W, stack.prompts.image_config)
@@ -743,7 +744,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     # static shapes: every batch is padded to the longest prompt / glyph sequence of the data (train and eval)
     all_prompts = [e.prompt for ds in (train_ds, eval_ds) if ds is not None for e in ds.examples]
     max_len = prompt_length(stack.prompts, all_prompts, H, W, n_sources)
-    max_len += cudnn_parity_pad(ar_attn or "", cfg.mode, max_len, H, W)
+    max_len += cudnn_parity_pad(attention or "", cfg.mode, max_len, H, W)
     max_glyph = max(glyph_length(p) for p in all_prompts)
     log(f"data: {train_ds.summary()}" + (f"; eval: {len(eval_ds)} examples" if eval_ds is not None else "")
         + f"; model: {cfg.model.ckpt or 'embedded tiny GLM-Image'}; mode: {cfg.mode}; component: {cfg.component}")

@@ -20,7 +20,6 @@ from glm_jax.models.ar import ArConfig, GlmImageAR
 from glm_jax.models.remat import FUSED_ATTENTION_PRIMITIVES
 from glm_jax.pipeline import (
     GlmImageStack,
-    describe_attention,
     resolve_attention,
     set_ar_train_attention,
 )
@@ -68,36 +67,26 @@ def test_load_applies_the_attention_to_the_dit_and_the_ar_update():
     assert all(block.attn1.implementation == "cudnn" for block in dit.transformer_blocks)
     plain = GlmImageStack.load(tiny_checkpoint(seed=0), components=("ar",)).ar.merge()
     assert all(layer.self_attn.train_implementation is None for layer in plain.text.layers)
-    # the automatic setting on a multi-device mesh: cuDNN in the DiT, XLA's attention in the AR update
-    split = GlmImageStack.load(tiny_checkpoint(seed=0), components=("ar", "dit"), attention="cudnn",
-                               ar_attention=None)
-    assert all(layer.self_attn.train_implementation is None for layer in split.ar.merge().text.layers)
-    assert all(block.attn1.implementation == "cudnn" for block in split.dit.merge().transformer_blocks)
 
 
-@pytest.mark.parametrize("backend,dtype,devices,want", [
-    ("gpu", jnp.bfloat16, 1, ("cudnn", "cudnn")),
-    ("gpu", jnp.float16, 1, ("cudnn", "cudnn")),
-    ("gpu", jnp.bfloat16, 4, ("cudnn", None)),       # the AR update under a mesh keeps XLA's attention
-    ("gpu", jnp.float32, 1, (None, None)),           # cuDNN's kernels take half precision only
-    ("cpu", jnp.bfloat16, 1, (None, None)),
-    ("tpu", jnp.bfloat16, 1, (None, None)),
+@pytest.mark.parametrize("backend,dtype,tensor,want", [
+    ("gpu", jnp.bfloat16, 1, "cudnn"),
+    ("gpu", jnp.float16, 1, "cudnn"),
+    ("gpu", jnp.bfloat16, 2, None),         # heads split over `tensor`: XLA's attention unless asked
+    ("gpu", jnp.float32, 1, None),          # cuDNN's kernels take half precision only
+    ("cpu", jnp.bfloat16, 1, None),
+    ("tpu", jnp.bfloat16, 1, None),
 ])
-def test_automatic_attention(backend, dtype, devices, want):
-    assert resolve_attention("", dtype=dtype, backend=backend, devices=devices) == want
+def test_automatic_attention(backend, dtype, tensor, want):
+    assert resolve_attention("", dtype=dtype, backend=backend, tensor=tensor) == want
 
 
 def test_named_attention_applies_everywhere():
     for setting in ("xla", "cudnn"):
-        for backend, devices in (("gpu", 1), ("gpu", 8), ("cpu", 1)):
-            got = resolve_attention(setting, dtype=jnp.float32, backend=backend, devices=devices)
-            assert got == (setting, setting)
+        for backend, tensor in (("gpu", 1), ("gpu", 4), ("cpu", 1)):
+            assert resolve_attention(setting, dtype=jnp.float32, backend=backend, tensor=tensor) == setting
     with pytest.raises(ValueError, match="model.attention='flash'"):
         resolve_attention("flash", dtype=jnp.bfloat16, backend="gpu")
-    assert describe_attention("cudnn", "cudnn") == "cuDNN flash attention in the DiT and the AR update"
-    assert describe_attention("cudnn", None) == "cuDNN flash attention in the DiT, XLA's attention in the AR update"
-    assert describe_attention(None, None) == describe_attention("xla", None) == \
-        "XLA's attention in the DiT and the AR update"
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on a GPU")
