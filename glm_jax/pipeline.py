@@ -90,9 +90,9 @@ class GlmImageStack:
         `param_dtype=None` keeps the stored parameter dtypes. `dit_remat` / `ar_remat` set the DiT blocks' / AR
         text layers' rematerialisation policy (`glm_jax.models.remat`) for training; `attention` the
         `dot_product_attention` implementation of the DiT and of the AR's training pass (`set_ar_train_attention`;
-        `resolve_attention` gives it for `model.attention`). `components` picks which of ar / dit / vae / t5 to load. `mesh`: every
-        parameter is restored straight into its logical-axis sharding on that mesh (`glm_jax.sharded_load`; each process reads only
-        its shards), as a multi-device trainer needs.
+        `resolve_attention` gives it for `model.attention`). `components` picks which of ar / dit / vae / t5 to
+        load. `mesh`: every parameter is restored straight into its logical-axis sharding on that mesh
+        (`glm_jax.sharded_load`; each process reads only its shards), as a multi-device trainer needs.
         """
         from glm_jax.checkpoint import load_model
         from glm_jax.models.remat import check_policy
@@ -176,11 +176,6 @@ def resolve_attention(setting: str, *, dtype, backend: str, tensor: int = 1) -> 
         return setting
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if backend == "gpu" and half and tensor <= 1 else None
-
-
-def describe_attention(implementation: str | None) -> str:
-    """For the run's log: which attention the DiT and the AR update run."""
-    return "cuDNN flash attention" if implementation == "cudnn" else "XLA's attention"
 
 
 def set_dit_attention(dit, implementation: str | None) -> None:

@@ -690,7 +690,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.grpo import rollout as R
     from glm_jax.grpo.advantages import compute_advantages
     from glm_jax.monitor import Monitor, image_grid
-    from glm_jax.pipeline import GlmImageStack, describe_attention, resolve_attention
+    from glm_jax.pipeline import GlmImageStack, resolve_attention
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.rewards.base import component_metrics
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
@@ -733,8 +733,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
                                attention=attention, mesh=mesh if mesh.size > 1 else None)
     stack.prompts.check_target_size(H, W)
-    log(f"attention: {describe_attention(attention)} in the DiT and the AR update "
-        f"(model.attention={cfg.model.attention!r})")
+    attention_name = "cuDNN flash attention" if attention == "cudnn" else "XLA's attention"
+    log(f"attention: {attention_name} in the DiT and the AR update (model.attention={cfg.model.attention!r})")
     if n_sources:
         from glm_jax.prompts import source_agreement
         why = source_agreement(H, W, stack.prompts.image_config)
