@@ -118,9 +118,13 @@ def dit_case(a, mesh, n_dev):
 
 
 def default_attention(a) -> str | None:
-    """`--attention`, else cuDNN on a GPU (XLA's elsewhere): the DiT's, and the AR's teacher-forced pass."""
+    """`--attention`, else the trainer's automatic choice for bf16 on this backend (`resolve_attention`: cuDNN on
+    a GPU, XLA's elsewhere): the DiT's, and the AR's teacher-forced pass."""
     import jax
-    return a.attention or ("cudnn" if jax.default_backend() == "gpu" else None)
+    import jax.numpy as jnp
+
+    from glm_jax.pipeline import resolve_attention
+    return resolve_attention(a.attention, dtype=jnp.bfloat16, backend=jax.default_backend())
 
 
 def ar_case(a, mesh, n_dev):

@@ -24,6 +24,7 @@ COMPONENTS = ("ar", "dit", "both")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 KERNELS = ("sde", "cps")
 REMATS = ("none", "full", "dots", "dots_attention", "dots_all")
+ATTENTIONS = ("", "xla", "cudnn")   # `model.attention`: "" = automatic (`pipeline.resolve_attention`)
 DTYPES = ("float32", "bfloat16")
 SCALES = ("group", "batch", "none")
 AGGREGATES = ("sum_then_normalize", "normalize_then_sum")
@@ -230,7 +231,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     _check(c.component in COMPONENTS, "component", f"{c.component!r} is not one of {COMPONENTS}")
     _check(c.model.dtype in DTYPES, "model.dtype", f"{c.model.dtype!r} is not one of {DTYPES}")
     _check(c.model.param_dtype in DTYPES, "model.param_dtype", f"{c.model.param_dtype!r} is not one of {DTYPES}")
-    _check(c.model.attention in ("", "xla", "cudnn"), "model.attention", "must be '', 'xla' or 'cudnn'")
+    _check(c.model.attention in ATTENTIONS, "model.attention", "must be '', 'xla' or 'cudnn'")
     _check(c.model.remat in REMATS, "model.remat", f"{c.model.remat!r} is not one of {REMATS}")
     for f in ("height", "width"):
         v = c.image[f]

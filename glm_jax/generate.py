@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from glm_jax.config import ATTENTIONS
+
 
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m glm_jax.generate", description=__doc__.split("\n\n")[0])
@@ -41,7 +43,7 @@ def _parse(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="compute dtype (default bfloat16 on GPU, float32 on CPU)")
-    ap.add_argument("--attention", default="", choices=["", "xla", "cudnn"],
+    ap.add_argument("--attention", default="", choices=ATTENTIONS,
                     help="the DiT's attention: '' (default) cuDNN flash attention on a GPU in bfloat16, else XLA's")
     ap.add_argument("--out", required=True, help="output directory")
     return ap.parse_args(argv)

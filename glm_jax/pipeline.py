@@ -34,13 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glm_jax.config import ATTENTIONS
 from glm_jax.models import positions as P
 from glm_jax.sampling import flow
 from glm_jax.sampling.ar_sampler import ArLayout
 from glm_jax.sampling.schedule import FlowSchedule, flow_schedule
 
 SLOTS = {"ar": "vision_language_encoder", "dit": "transformer", "vae": "vae", "t5": "text_encoder"}
-ATTENTION_SETTINGS = ("", "xla", "cudnn")    # `model.attention`: "" = automatic (`resolve_attention`)
 
 
 class Split(NamedTuple):
@@ -170,8 +170,8 @@ def resolve_attention(setting: str, *, dtype, backend: str, tensor: int = 1) -> 
     on one device or a mesh that splits samples and parameters (`data` / `fsdp`); a mesh that splits heads over
     `tensor` > 1 keeps XLA's attention (cuDNN there is untested; `"cudnn"` asks for it). Otherwise XLA's
     attention (cuDNN needs a GPU and float16 / bfloat16)."""
-    if setting not in ATTENTION_SETTINGS:
-        raise ValueError(f"model.attention={setting!r}; expected one of {ATTENTION_SETTINGS}")
+    if setting not in ATTENTIONS:
+        raise ValueError(f"model.attention={setting!r}; expected one of {ATTENTIONS}")
     if setting:
         return setting
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -135,7 +135,7 @@ def pad_prompts(arp, length: int, pad_id: int):
     return arp._replace(input_ids=ids, attention_mask=mask, position_ids=pos)
 
 
-def cudnn_parity_pad(attention: str, mode: str, prompt_len: int, height: int, width: int) -> int:
+def cudnn_parity_pad(attention: str | None, mode: str, prompt_len: int, height: int, width: int) -> int:
     """Extra (masked) prompt padding so that the AR's teacher-forced update (`score_tokens`: the prompt plus
     `fed_back_tokens` generated ones) has an even length under cuDNN attention, whose masked backward pass rejects
     odd lengths: 0 or 1."""
@@ -744,7 +744,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     # static shapes: every batch is padded to the longest prompt / glyph sequence of the data (train and eval)
     all_prompts = [e.prompt for ds in (train_ds, eval_ds) if ds is not None for e in ds.examples]
     max_len = prompt_length(stack.prompts, all_prompts, H, W, n_sources)
-    max_len += cudnn_parity_pad(attention or "", cfg.mode, max_len, H, W)
+    max_len += cudnn_parity_pad(attention, cfg.mode, max_len, H, W)
     max_glyph = max(glyph_length(p) for p in all_prompts)
     log(f"data: {train_ds.summary()}" + (f"; eval: {len(eval_ds)} examples" if eval_ds is not None else "")
         + f"; model: {cfg.model.ckpt or 'embedded tiny GLM-Image'}; mode: {cfg.mode}; component: {cfg.component}")
