@@ -105,7 +105,7 @@ def generate(args) -> dict:
     from glm_jax import glyph
     from glm_jax.checkpoint import component_config, load_model
     from glm_jax.components import read_json
-    from glm_jax.pipeline import prior_ids, resolve_attention, set_dit_attention, upsample_grid
+    from glm_jax.pipeline import ar_token_ids, prior_ids, resolve_attention, set_dit_attention, upsample_grid
     from glm_jax.prompts import PromptBuilder
     from glm_jax.sampling import flow
     from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, sample_ar
@@ -143,7 +143,7 @@ def generate(args) -> dict:
     sched_cfg = read_json(os.path.join(ckpt, "scheduler", "scheduler_config.json"))
 
     ar_cfg, ar = load_model(ckpt, "vision_language_encoder", dtype=dtype)
-    dit_cfg, dit = load_model(ckpt, "transformer", dtype=dtype)
+    _, dit = load_model(ckpt, "transformer", dtype=dtype)
     dit_attention = resolve_attention(args.attention, dtype=dtype, backend=jax.default_backend())
     set_dit_attention(dit, dit_attention)
     _, vae = load_model(ckpt, "vae", dtype=dtype)
@@ -173,7 +173,7 @@ def generate(args) -> dict:
     timings["source_encode_s"] = time.perf_counter() - t1
 
     layout = ArLayout.i2i(args.height, args.width) if sources else ArLayout.t2i(args.height, args.width)
-    n_codes = dit_cfg.prior_vq_quantizer_codebook_size
+    n_codes, eos_id = ar_token_ids(ar_cfg)   # the training rollout's ids (an lm_head without an EOS row too)
     top_k = args.top_k or n_codes
     params = SamplingParams(temperature=args.temperature, top_k=top_k, top_p=args.top_p)
     callbacks = host_callbacks_available()
@@ -190,7 +190,7 @@ def generate(args) -> dict:
     graphdef, state = nnx.split(ar)
     roll = sample_ar(graphdef, state, input_ids, jnp.asarray(batch.attention_mask), jnp.asarray(batch.position_ids),
                      jnp.asarray(batch.decode_position_ids), k_ar, params, n_codes=n_codes,
-                     eos_id=ar_cfg.image_end_token_id, layout=layout, progress=progress if callbacks else None,
+                     eos_id=eos_id, layout=layout, progress=progress if callbacks else None,
                      progress_every=max(layout.n_tokens // 50, 1))
     jax.block_until_ready(roll.tokens)
     if not callbacks:

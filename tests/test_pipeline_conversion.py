@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conversion import from_torch, to_torch
 from conversion.apply import ConversionError
@@ -80,6 +81,21 @@ def test_exported_pipeline_generates_the_same_image(dirs):
     out = exported(latents=latents.clone(), **kw).images
     assert np.abs(out - ref).max() <= 1e-5
     assert ref.std() > 1e-3
+
+
+def test_converted_checkpoint_generates_with_glm_jax(dirs, tmp_path):
+    """The converted pipeline runs in `glm_jax.generate` as it does in training: this tiny AR's `lm_head` has no
+    row for its image-end id (129 >= 128 rows), which the sampler's ids (`ar_token_ids`) account for."""
+    from glm_jax import generate
+    from glm_jax.pipeline import ar_token_ids
+    ar_cfg, _ = load_model(dirs["ckpt"], "vision_language_encoder")
+    assert ar_cfg.image_end_token_id >= ar_cfg.text.vision_vocab_size
+    assert ar_token_ids(ar_cfg) == (tiny_torch.N_CODES - 1, tiny_torch.N_CODES - 1)
+    out = tmp_path / "gen"
+    assert generate.main(["--ckpt", dirs["ckpt"], "--prompt", 'a sign that says "hi"', "--height", "64", "--width",
+                          "64", "--steps", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert [np.asarray(Image.open(out / f)).shape for f in record["files"]] == [(64, 64, 3)]
 
 
 @pytest.mark.parametrize("slot", ["transformer", "vae", "text_encoder"])
