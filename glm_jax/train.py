@@ -498,6 +498,7 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     from glm_jax.grpo import rollout as R
     from glm_jax.monitor import image_grid
     from glm_jax.rewards import RewardContext
+    from glm_jax.rewards.base import nan_mean_std
 
     H, W = cfg.image.height, cfg.image.width
     t0 = time.perf_counter()
@@ -537,12 +538,10 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     for part in setup.parts:
         res = rewards[part].on_devices(images_np, ctx, jax.local_devices())   # own rows; statistics over all
         total = distributed.gather_rows(res.total)[keep_all]
-        metrics[f"eval/{part}/reward/total_mean"] = float(np.nanmean(total))
-        metrics[f"eval/{part}/reward/total_std"] = float(np.nanstd(total))
+        metrics[f"eval/{part}/reward/total_mean"], metrics[f"eval/{part}/reward/total_std"] = nan_mean_std(total)
         for name, v in res.components.items():
-            v = distributed.gather_rows(v)[keep_all]
-            metrics[f"eval/{part}/reward/{name}/mean"] = float(np.nanmean(v))
-            metrics[f"eval/{part}/reward/{name}/std"] = float(np.nanstd(v))
+            (metrics[f"eval/{part}/reward/{name}/mean"],
+             metrics[f"eval/{part}/reward/{name}/std"]) = nan_mean_std(distributed.gather_rows(v)[keep_all])
         for i, line in enumerate(_captions(res.components, res.total)):
             captions[i] += f"{part} {line}\n"
     metrics["time/eval_s"] = time.perf_counter() - t0
@@ -692,7 +691,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.monitor import Monitor, image_grid
     from glm_jax.pipeline import GlmImageStack, resolve_attention
     from glm_jax.rewards import RewardContext, build_reward_sets
-    from glm_jax.rewards.base import component_metrics
+    from glm_jax.rewards.base import component_metrics, nan_mean_std
     from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
 
     main_process = jax.process_index() == 0
@@ -836,9 +835,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                 f"{part}/adv/abs_max": float(np.abs(a).max())})
                 metrics.update({f"{part}/reward/{k}": v for k, v in res.metrics.items()})
                 for name, v in components.items():
-                    metrics[f"{part}/reward/{name}/std"] = float(np.nanstd(v))
-                metrics[f"{part}/reward/total_mean"] = float(np.nanmean(total))
-                metrics[f"{part}/reward/total_std"] = float(np.nanstd(total))
+                    metrics[f"{part}/reward/{name}/std"] = nan_mean_std(v)[1]
+                metrics[f"{part}/reward/total_mean"], metrics[f"{part}/reward/total_std"] = nan_mean_std(total)
                 if cfg.log.images_every and step % cfg.log.images_every == 0:
                     monitor.image(step, f"train/{part}_groups",
                                   image_grid(images, columns=g, captions=_captions(res.components, res.total)))

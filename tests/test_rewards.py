@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import math
 import threading
 from typing import ClassVar
 
@@ -420,3 +421,20 @@ def test_remote_reward_unreachable_and_bad_url():
         r(np.zeros((1, 16, 16, 3), np.uint8), ctx_for(1))
     with pytest.raises(R.RewardError, match="url"):
         R.make_reward("remote", url="ftp://x")
+
+
+def test_statistics_of_a_reward_skipped_for_every_sample():
+    """A reward that applies to no sample of a batch (NaN scores: e.g. `text` on prompts without quoted text)
+    logs NaN statistics and its skip fraction, without numpy's empty-slice warnings; the others are unaffected."""
+    import warnings
+
+    from glm_jax.rewards.base import component_metrics, nan_mean_std
+    skipped, scored = np.full(6, np.nan), np.array([0.1, np.nan, 0.4, 0.3, np.nan, 0.2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = component_metrics({"text": skipped, "ssim": scored})
+        mean, std = nan_mean_std(skipped)
+    assert math.isnan(m["text/mean"]) and m["text/nan_frac"] == 1.0
+    assert math.isnan(mean) and math.isnan(std)
+    assert nan_mean_std(scored) == pytest.approx((0.25, np.std([0.1, 0.4, 0.3, 0.2])))
+    assert m["ssim/mean"] == pytest.approx(0.25) and m["ssim/nan_frac"] == pytest.approx(2 / 6)

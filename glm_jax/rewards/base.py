@@ -221,13 +221,21 @@ def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) 
     return np.where(valid.any(axis=0), total, np.nan).astype(np.float32)
 
 
+def nan_mean_std(values) -> tuple[float, float]:
+    """Mean and standard deviation over the applicable (non-NaN) scores; both NaN, without numpy's empty-slice
+    warnings, when no score applies (a reward skipped for every sample)."""
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    return (float(v.mean()), float(v.std())) if v.size else (math.nan, math.nan)
+
+
 def component_metrics(components: Mapping[str, np.ndarray]) -> dict[str, float]:
     """`<reward>/mean` (over the applicable samples; NaN when none is) and `<reward>/nan_frac` of each component,
     e.g. of scores gathered from several processes."""
     out: dict[str, float] = {}
     for name, v in components.items():
         v = np.asarray(v, np.float64)
-        out[f"{name}/mean"] = float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
+        out[f"{name}/mean"] = nan_mean_std(v)[0]
         out[f"{name}/nan_frac"] = float(np.isnan(v).mean())
     return out
 
