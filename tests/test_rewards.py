@@ -299,6 +299,7 @@ def test_config_dict_and_config_errors():
     sets = R.build_reward_sets(cfg)
     assert list(sets["ar"].rewards) == ["ssim"] and not sets["dit"]
     cases = [({"ar": {"lpipz": 1.0}}, "ar.lpipz: unknown reward 'lpipz'"),
+             ({"dit": {"ocr": 1.0}}, r"dit.ocr: unknown reward 'ocr' \(known: .*\); did you mean 'text'\?"),
              ({"ar": {"ssim": 1.0}, "options": {"ssim": {"sigma": 2}}}, "unknown option 'sigma' for reward 'ssim'"),
              ({"ar": {"ssim": 1.0}, "options": {"lpips": {"nett": "vgg"}}}, "unknown option 'nett'"),
              ({"ar": {"ssim": "heavy"}}, "weight of ar.ssim"),

@@ -172,9 +172,14 @@ def option_names(name: str) -> tuple[str, ...]:
     return tuple(p for p, v in params.items() if p != "self" and v.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+# names users reach for that are spelled otherwise here
+_ALIASES = {"ocr": "text", "text_accuracy": "text", "aesthetics": "aesthetic", "edges": "structure"}
+
+
 def _lookup(name: str) -> type[Reward]:
     if name not in REGISTRY:
-        raise RewardError(f"unknown reward '{name}' (known: {', '.join(sorted(REGISTRY))})")
+        hint = f"; did you mean '{_ALIASES[name]}'?" if _ALIASES.get(name) in REGISTRY else ""
+        raise RewardError(f"unknown reward '{name}' (known: {', '.join(sorted(REGISTRY))}){hint}")
     return REGISTRY[name]
 
 
