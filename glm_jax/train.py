@@ -489,7 +489,7 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     """Generates the eval prompts with the current policy (EMA params when on; AR sampling + DiT ODE from a
     fixed seed), scores them against the eval targets with each trained component's reward set, logs
     `eval/<part>/...` and saves the grid as `workdir/eval/step_<N>.png`. Returns the metrics. With several
-    processes each scores its own rows (the metrics are over all of them); the grid shows process 0's."""
+    processes each generates and scores its own rows; the metrics and the grid are over all of them."""
     import jax
     import jax.numpy as jnp
 
@@ -534,31 +534,30 @@ def evaluate(cfg, stack, setup: TrainSetup, make: BatchMaker, eval_ds, rewards, 
     images_np, keep = np.concatenate(images), np.concatenate(valid)
     ctx = RewardContext.make(prompts, targets=targets, sources=sources or None)
     keep_all = distributed.gather_rows(keep)
-    captions = [""] * len(prompts)
+    captions = [""] * len(keep_all)
     for part in setup.parts:
         res = rewards[part].on_devices(images_np, ctx, jax.local_devices())   # own rows; statistics over all
-        total = distributed.gather_rows(res.total)[keep_all]
-        metrics[f"eval/{part}/reward/total_mean"], metrics[f"eval/{part}/reward/total_std"] = nan_mean_std(total)
-        for name, v in res.components.items():
-            (metrics[f"eval/{part}/reward/{name}/mean"],
-             metrics[f"eval/{part}/reward/{name}/std"]) = nan_mean_std(distributed.gather_rows(v)[keep_all])
-        for i, line in enumerate(_captions(res.components, res.total)):
+        total = distributed.gather_rows(res.total)
+        components = {name: distributed.gather_rows(v) for name, v in res.components.items()}
+        metrics[f"eval/{part}/reward/total_mean"], metrics[f"eval/{part}/reward/total_std"] = \
+            nan_mean_std(total[keep_all])
+        for name, v in components.items():
+            metrics[f"eval/{part}/reward/{name}/mean"], metrics[f"eval/{part}/reward/{name}/std"] = \
+                nan_mean_std(v[keep_all])
+        for i, line in enumerate(_captions(components, total)):
             captions[i] += f"{part} {line}\n"
     metrics["time/eval_s"] = time.perf_counter() - t0
     monitor.scalars(step, metrics)
-    images_np = images_np[keep]
-    prompts, targets = [q for q, k in zip(prompts, keep) if k], [t for t, k in zip(targets, keep) if k]
-    sources = [x for x, k in zip(sources, keep) if k]
-    captions = [c for c, k in zip(captions, keep) if k]
-    cols = min(len(prompts), cfg.train.groups_per_step)
-    n = len(prompts)
+    # the grid shows every process's rows: targets (and first sources) at the images' size, gathered in row order
+    hw = images_np.shape[1:3]
+    tiles = [_fit(targets, hw)] + ([_fit(sources, hw)] if sources else []) + [images_np]
+    tiles = [distributed.gather_rows(t)[keep_all] for t in tiles]
+    captions = [c for c, k in zip(captions, keep_all, strict=True) if k]
+    n = len(captions)
     if n == 0:
         return metrics
-    tiles, labels = [_fit(targets, images_np.shape[1:3])], [f"target {i}" for i in range(n)]
-    if sources:
-        tiles.append(_fit(sources, images_np.shape[1:3]))
-        labels += [f"source {i}" for i in range(n)]
-    grid = image_grid(np.concatenate([*tiles, images_np]), columns=cols,
+    labels = [f"target {i}" for i in range(n)] + ([f"source {i}" for i in range(n)] if sources else [])
+    grid = image_grid(np.concatenate(tiles), columns=min(n, cfg.train.groups_per_step),
                       captions=labels + [c.strip() for c in captions])
     path = monitor.eval_image(step, grid)
     log(f"eval at step {step}: " + ", ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items()
