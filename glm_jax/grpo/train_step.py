@@ -287,8 +287,8 @@ def _accumulate(loss_fn, params, micro_xs, m: int):
 def _apply(tx, policy: PolicyState, grads) -> tuple[PolicyState, Metrics]:
     updates, opt_state = tx.update(grads, policy.opt_state, policy.params)
     params = optax.apply_updates(policy.params, updates)
-    return PolicyState(params, policy.frozen, opt_state), {"grad_norm": optax.global_norm(grads),
-                                                           "update_norm": optax.global_norm(updates)}
+    return PolicyState(params, policy.frozen, opt_state), {"grad_norm": optax.tree.norm(grads),
+                                                           "update_norm": optax.tree.norm(updates)}
 
 
 # ------------------------------------------------------------------------------------------------------ AR
