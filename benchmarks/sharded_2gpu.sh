@@ -5,6 +5,7 @@
 #   bash benchmarks/sharded_2gpu.sh ar1       # AR (real size) LoRA on 1 GPU
 #   bash benchmarks/sharded_2gpu.sh ar1_tune  # AR LoRA on 1 GPU: remat dots / full x micro-batch 1-8
 #   bash benchmarks/sharded_2gpu.sh ar        # AR (real size) LoRA on 2 GPUs: 1 process, 2 processes
+#   bash benchmarks/sharded_2gpu.sh full141   # 141 GB GPUs (H200): DiT full on 1 GPU, AR full on 2 GPUs
 # Each run is its own process (fresh GPU memory); logs and JSON go to $OUT.
 set -u
 source "$(dirname "$0")/run_logged.sh"
@@ -32,5 +33,9 @@ ar1_tune)    # AR LoRA on 1 GPU, 8 sequences per step: remat policy x micro-batc
 ar)          # the same 8 sequences per device, 2 per micro-batch per device
     tagged ar_lora64_fsdp2_1proc 280 python -m benchmarks.sharded_gpu --part ar --lora 64 --batch-per-device 8 --micro 4
     tagged ar_lora64_fsdp2_2proc 280 $L --part ar --lora 64 --batch-per-device 8 --micro 4
+    ;;
+full141)     # full fine-tuning where 80 GB GPUs do not hold it
+    CUDA_VISIBLE_DEVICES=0 tagged dit_full_1gpu 250 python -m benchmarks.sharded_gpu --part dit --remat dots
+    tagged ar_full_fsdp2_1proc 320 python -m benchmarks.sharded_gpu --part ar --batch-per-device 8 --micro 4
     ;;
 esac
