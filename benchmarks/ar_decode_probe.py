@@ -2,7 +2,9 @@
 
 Times a jitted loop of decode steps over a 1408-slot cache, as (t(N2) - t(N1)) / (N2 - N1) with a dynamic trip
 count (one compile per variant and batch), for the decode-attention implementations, a fused q/k/v matmul and
-the full sampling step (top-p sort + categorical; `sample16`: on the head's bf16 logits) against greedy argmax. Run it once per XLA_FLAGS setting:
+the full sampling step (top-p sort + categorical; `sample16`: on the head's bf16 logits) against greedy argmax;
+`pallas` is glm_jax's split-K decode kernel (`glm_jax.models.decode_ops`), `jaxpallas` JAX's own (deprecated). Run it
+once per XLA_FLAGS setting:
 
     XLA_FLAGS=... python -m benchmarks.ar_decode_probe --tag default --variants einsum,cudnn,sample
 """
@@ -23,6 +25,7 @@ from flax import nnx
 
 from benchmarks.common import SMOKE, device_info, jax_sync, random_module, timeit, write_result
 from benchmarks.real_configs import AR_CONFIG
+from glm_jax.models import ar as ar_module
 from glm_jax.models.ar import ArConfig, GlmImageAR
 from glm_jax.sampling.ar_sampler import SamplingParams, processed_logprobs, slot_valid_mask
 
@@ -42,7 +45,31 @@ def build(impl):
                                                  rngs=nnx.Rngs(0), implementation=impl, with_vision=False))
 
 
+def jax_op_decode_attention(q_B1ND, k_BKSD, v_BKSD, mask_BS, scale, index):
+    """The reference for the `jaxpallas` variant: JAX's own split-K decode kernel
+    (`jax.experimental.pallas.ops.gpu.decode_attention`, deprecated in jax 0.11), one 128-slot split per program,
+    as glm_jax used it before `glm_jax.models.decode_ops`."""
+    from functools import partial
+
+    from jax.experimental.pallas.ops.gpu import decode_attention as pda
+    b, _, n, d = q_B1ND.shape
+    kv = k_BKSD.shape[1]
+    q_BKGD = q_B1ND.reshape(b, kv, n // kv, d)
+    start_BK = jnp.broadcast_to(jnp.argmax(mask_BS, axis=-1).astype(jnp.int32)[:, None], (b, kv))
+    len_BK = jnp.broadcast_to(jnp.asarray(index, jnp.int32) + 1, (b, kv))
+    inner = partial(pda.decode_attn_unbatched, sm_scale=scale, block_h=max(16, n // kv), block_k=128,
+                    k_splits=k_BKSD.shape[2] // 128, num_warps=None, num_stages=2, grid=None,
+                    interpret=jax.default_backend() != "gpu", debug=False, return_residuals=False,
+                    normalize_output=True)
+    o_BKGD = jax.vmap(jax.vmap(inner))(q_BKGD, k_BKSD, v_BKSD, start_BK, len_BK)
+    return o_BKGD.astype(q_B1ND.dtype).reshape(b, 1, n, d)
+
+
+_OWN_KERNEL = ar_module.decode_attention_pallas
+
+
 def set_variant(model, name: str, impl) -> None:
+    ar_module.decode_attention_pallas = jax_op_decode_attention if "jaxpallas" in name else _OWN_KERNEL
     for layer in model.text.layers:
         a = layer.self_attn
         a.decode_attention = ("dpa" if name.startswith(("cudnn", "xla"))

@@ -32,7 +32,6 @@ from `index` on with `lax.dynamic_update_slice`; everything is pure and fixed-sh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -313,25 +312,18 @@ def decode_attention(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, ma
 
 def decode_attention_pallas(q_B1ND: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BS: jax.Array,
                             scale: float, index) -> jax.Array:
-    """`decode_attention` with JAX's Pallas (Triton) split-K decode kernel, reading only the filled slots
+    """`decode_attention` by the split-K Pallas (Triton) kernel of `decode_ops`, reading only the filled slots
     `[first valid, index]` of each row (the valid keys of a left-padded decode are that contiguous range). Made
     for GPUs; on other backends it runs in Pallas' interpreter (tests)."""
-    from jax.experimental.pallas.ops.gpu import decode_attention as pda
+    from glm_jax.models.decode_ops import decode_attention_blocks
 
     b, _, n, d = q_B1ND.shape
     kv = k_BKSD.shape[1]
-    q_BKGD = q_B1ND.reshape(b, kv, n // kv, d)
-    start_BK = jnp.broadcast_to(jnp.argmax(mask_BS, axis=-1).astype(jnp.int32)[:, None], (b, kv))
-    len_BK = jnp.broadcast_to(jnp.asarray(index, jnp.int32) + 1, (b, kv))
-    slots = k_BKSD.shape[2]
-    if slots % 128:
-        raise ValueError(f"decode_attention_pallas needs a cache of a multiple of 128 slots, got {slots}")
-    inner = partial(pda.decode_attn_unbatched, sm_scale=scale, block_h=max(16, n // kv), block_k=128,
-                    k_splits=slots // 128,
-                    num_warps=None, num_stages=2, grid=None, interpret=jax.default_backend() != "gpu", debug=False,
-                    return_residuals=False, normalize_output=True)
-    o_BKGD = jax.vmap(jax.vmap(inner))(q_BKGD, k_BKSD, v_BKSD, start_BK, len_BK)
-    return o_BKGD.astype(q_B1ND.dtype).reshape(b, 1, n, d)
+    start_B = jnp.argmax(mask_BS, axis=-1).astype(jnp.int32)
+    o_BKGD = decode_attention_blocks(q_B1ND.reshape(b, kv, n // kv, d), k_BKSD, v_BKSD, start_B,
+                                     jnp.asarray(index, jnp.int32) + 1, scale,
+                                     interpret=jax.default_backend() != "gpu")
+    return o_BKGD.reshape(b, 1, n, d)
 
 
 class TextMLP(nnx.Module):
