@@ -93,3 +93,23 @@ def test_compiled_kernel_on_gpu(dtype, monkeypatch):
     monkeypatch.setenv("GLM_JAX_AR_KERNELS", "0")
     _, ref = jax.jit(plain_grads)(h.astype(jnp.float32), g.astype(jnp.float32))
     assert rel_err(dh, ref) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_kernels_are_off_without_pallas_triton(monkeypatch):
+    """A JAX without Pallas' Triton backend (deprecated in jax 0.11) runs the plain formulas after one warning,
+    instead of failing at the first kernel; with the backend, the same (GPU) setting runs the kernels."""
+    import sys
+
+    from glm_jax.models import pallas_tiles
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("GLM_JAX_AR_KERNELS", raising=False)
+    pallas_tiles.triton_available.cache_clear()
+    try:
+        assert pallas_tiles.triton_available() and pallas_tiles.kernels_on("GLM_JAX_AR_KERNELS")
+        monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)      # the import fails
+        pallas_tiles.triton_available.cache_clear()
+        with pytest.warns(UserWarning, match="Triton backend is not available"):
+            assert not pallas_tiles.kernels_on("GLM_JAX_AR_KERNELS")
+        assert not ar_ops._use_kernel(rnd(0, 4, 32), jax.nn.silu)
+    finally:
+        pallas_tiles.triton_available.cache_clear()

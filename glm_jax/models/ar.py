@@ -41,6 +41,7 @@ from flax import nnx
 
 from glm_jax.models.ar_ops import gated_activation
 from glm_jax.models.layers import Dense, DType, RMSNorm, dtype_from_name, param
+from glm_jax.models.pallas_tiles import triton_available
 from glm_jax.models.remat import layer_call
 from glm_jax.sharding import constrain, per_device, tensor_unsplit
 
@@ -259,7 +260,7 @@ class TextAttention(nnx.Module):
             mode = self.decode_attention
             if mode == "auto":
                 mode = ("pallas" if jax.default_backend() == "gpu" and k_cache.shape[2] % 128 == 0
-                        and tensor_unsplit() else "einsum")
+                        and tensor_unsplit() and triton_available() else "einsum")
             if t == 1 and mode in ("einsum", "pallas"):
                 args = (q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS[:, 0])
                 scale = self.head_dim ** -0.5

@@ -9,7 +9,10 @@ Pallas' interpreter on any backend (tests); unset, the kernels run on GPU.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +26,28 @@ def interpreted(switch: str) -> bool:
     return os.environ.get(switch) == "interpret"
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether this JAX still has Pallas' Triton backend, which the GPU kernels are written for (jax 0.11
+    deprecates it). Without it the plain-JAX paths run (same results, slower), after one warning."""
+    try:
+        importlib.import_module("jax.experimental.pallas.triton")
+    except ImportError as e:
+        warnings.warn(f"Pallas' Triton backend is not available in jax {jax.__version__} ({e}): glm_jax's fused "
+                      "GPU kernels are off and the plain-JAX formulas run instead", stacklevel=2)
+        return False
+    return True
+
+
 def kernels_on(switch: str) -> bool:
     """Whether ops under the environment `switch` run their kernels in the code being traced: on GPU unless
-    `<switch>=0`, anywhere when interpreted. Under a mesh they run per device on the samples it holds
-    (`sharding.per_device`), which needs the activations split by samples only: with a `tensor` axis of more
-    than one device the plain-JAX formulas run instead, which the partitioner splits."""
-    if os.environ.get(switch) == "0" or (jax.default_backend() != "gpu" and not interpreted(switch)):
+    `<switch>=0` (or this JAX has no Pallas Triton backend), anywhere when interpreted. Under a mesh they run
+    per device on the samples it holds (`sharding.per_device`), which needs the activations split by samples
+    only: with a `tensor` axis of more than one device the plain-JAX formulas run instead, which the partitioner
+    splits."""
+    if os.environ.get(switch) == "0":
+        return False
+    if not interpreted(switch) and (jax.default_backend() != "gpu" or not triton_available()):
         return False
     return tensor_unsplit()
 
