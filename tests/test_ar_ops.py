@@ -113,3 +113,13 @@ def test_kernels_are_off_without_pallas_triton(monkeypatch):
         assert not ar_ops._use_kernel(rnd(0, 4, 32), jax.nn.silu)
     finally:
         pallas_tiles.triton_available.cache_clear()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the kernels' default on a GPU")
+def test_kernels_are_on_by_default_on_a_gpu(monkeypatch):
+    """The JAX of the GPU machine has Pallas' Triton backend, so the fused kernels run unless switched off."""
+    from glm_jax.models import pallas_tiles
+    for switch in ("GLM_JAX_AR_KERNELS", "GLM_JAX_DIT_KERNELS"):
+        monkeypatch.delenv(switch, raising=False)
+        assert pallas_tiles.kernels_on(switch), switch
+    assert ar_ops._use_kernel(rnd(0, 4, 32), jax.nn.silu)
