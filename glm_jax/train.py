@@ -833,8 +833,6 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                 metrics.update({f"{part}/adv/mean": float(a.mean()), f"{part}/adv/std": float(a.std()),
                                 f"{part}/adv/abs_max": float(np.abs(a).max())})
                 metrics.update({f"{part}/reward/{k}": v for k, v in res.metrics.items()})
-                for name, v in components.items():
-                    metrics[f"{part}/reward/{name}/std"] = nan_mean_std(v)[1]
                 metrics[f"{part}/reward/total_mean"], metrics[f"{part}/reward/total_std"] = nan_mean_std(total)
                 if cfg.log.images_every and step % cfg.log.images_every == 0:
                     monitor.image(step, f"train/{part}_groups",

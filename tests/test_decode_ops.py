@@ -54,8 +54,9 @@ def test_kernel_reads_only_the_valid_slots():
 def test_bfloat16_within_rounding_and_bad_cache_size():
     q, k, v, mask = case(2, 3, 2, 8, 64, 256, [0, 17, 129], 230, jnp.bfloat16)
     want = decode_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask, 0.125, 230)
-    got = decode_attention_pallas(q, k, v, mask, 0.125, 230).astype(jnp.float32)
-    assert got.dtype == jnp.float32
+    got = decode_attention_pallas(q, k, v, mask, 0.125, 230)
+    assert got.dtype == jnp.bfloat16                       # the dtype of the queries
+    got = got.astype(jnp.float32)
     err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert err < 1e-2, err
     with pytest.raises(ValueError, match=f"multiple of {BLOCK} slots, got 200"):

@@ -439,3 +439,4 @@ def test_statistics_of_a_reward_skipped_for_every_sample():
     assert math.isnan(mean) and math.isnan(std)
     assert nan_mean_std(scored) == pytest.approx((0.25, np.std([0.1, 0.4, 0.3, 0.2])))
     assert m["ssim/mean"] == pytest.approx(0.25) and m["ssim/nan_frac"] == pytest.approx(2 / 6)
+    assert m["ssim/std"] == pytest.approx(np.std([0.1, 0.4, 0.3, 0.2])) and math.isnan(m["text/std"])

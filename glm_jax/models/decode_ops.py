@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from glm_jax.models.pallas_tiles import triton_params
+
 BLOCK = 128                   # cache slots per program
 _MIN = -1e30                  # finite "minus infinity": empty blocks must not produce inf - inf
 
@@ -73,10 +75,6 @@ def decode_attention_blocks(q_BKGD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Ar
     stop = jnp.broadcast_to(jnp.asarray(stop, jnp.int32), (rows,))
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
     kern = partial(_block_kernel, scale=float(scale), block=BLOCK, precision=precision)
-    extra = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        extra["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
     o, m, l_ = pl.pallas_call(
         kern, grid=(rows, blocks),
         in_specs=[pl.BlockSpec((None, gp, d), lambda r, j: (r, 0, 0)),
@@ -90,7 +88,8 @@ def decode_attention_blocks(q_BKGD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Ar
         out_shape=[jax.ShapeDtypeStruct((rows, blocks, gp, d), jnp.float32),
                    jax.ShapeDtypeStruct((rows, blocks, gp), jnp.float32),
                    jax.ShapeDtypeStruct((rows, blocks, gp), jnp.float32)],
-        interpret=interpret, name="glm_decode_attention", **extra)(q, k, v, start, stop)
+        interpret=interpret, name="glm_decode_attention",
+        **triton_params(interpret, num_warps=4, num_stages=2))(q, k, v, start, stop)
     m_all = jnp.max(m, axis=1, keepdims=True)
     w = jnp.exp(m - m_all)                                               # [rows, blocks, gp]; 0 for empty blocks
     out = jnp.sum(w[..., None] * o, axis=1) / jnp.sum(w * l_, axis=1)[..., None]

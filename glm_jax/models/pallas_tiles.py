@@ -1,5 +1,6 @@
 """A Pallas (Triton) call over a 2-D grid of row x column tiles, shared by the fused ops of the DiT
-(`dit_ops`) and the AR's MLP (`ar_ops`).
+(`dit_ops`) and the AR's MLP (`ar_ops`); the Triton compile settings and the backend check also serve the AR's
+decode kernel (`decode_ops`).
 
 Kernels take their program ids as `ids=(row block, column block)`; the grid is launched column blocks first, so
 that neighbouring programs read neighbouring tiles of the same rows. Each family of ops has an environment switch
@@ -57,14 +58,20 @@ def tile(ref, r0, c0, br: int, bc: int):
     return ref[pl.ds(r0, br), pl.ds(c0, bc)].astype(jnp.float32)
 
 
+def triton_params(interpret: bool, *, num_warps: int, num_stages: int) -> dict:
+    """`pallas_call` keyword arguments for a Triton compile with `num_warps` / `num_stages`; none when the call runs
+    in Pallas' interpreter."""
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as plgpu
+    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
 def tiled_call(kernel, ins, outs, grid: tuple[int, int], *, interpret: bool, num_warps: int = 4,
                rows_first: bool = False):
     """`pallas_call` of `kernel(*in_refs, *out_refs, ids=(i, j))` over `grid = (row blocks, column blocks)`;
     compiled by Triton with `num_warps` and no software pipelining, or run in Pallas' interpreter."""
-    extra = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+    extra = triton_params(interpret, num_warps=num_warps, num_stages=1)
     if rows_first:
         body = lambda *refs: kernel(*refs, ids=(pl.program_id(0), pl.program_id(1)))
         return pl.pallas_call(body, grid=grid, out_shape=outs, interpret=interpret, **extra)(*ins)

@@ -235,12 +235,12 @@ def nan_mean_std(values) -> tuple[float, float]:
 
 
 def component_metrics(components: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """`<reward>/mean` (over the applicable samples; NaN when none is) and `<reward>/nan_frac` of each component,
-    e.g. of scores gathered from several processes."""
+    """`<reward>/mean` and `<reward>/std` (over the applicable samples; NaN when none is) and `<reward>/nan_frac`
+    of each component, e.g. of scores gathered from several processes."""
     out: dict[str, float] = {}
     for name, v in components.items():
         v = np.asarray(v, np.float64)
-        out[f"{name}/mean"] = nan_mean_std(v)[0]
+        out[f"{name}/mean"], out[f"{name}/std"] = nan_mean_std(v)
         out[f"{name}/nan_frac"] = float(np.isnan(v).mean())
     return out
 
