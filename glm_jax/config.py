@@ -315,6 +315,20 @@ def _same_fields(c: ConfigDict, known: ConfigDict, prefix: str) -> None:
             raise ConfigError(f"config.{path}: expected {type(k).__name__}, got {type(v).__name__} ({v!r})")
 
 
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`field: old -> new` for each field whose value differs between two resolved configs (dicts as saved in
+    JSON; a field one of them lacks shows as `<absent>`)."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        if not d and prefix:
+            return {prefix[:-1]: {}}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+    a, b = (flat(json.loads(json.dumps(x, sort_keys=True))) for x in (old, new))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
 def save_config(c: ConfigDict, path: str) -> None:
     """Writes the resolved config as JSON (atomically)."""
     tmp = path + ".tmp"

@@ -65,6 +65,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -684,14 +685,14 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
 
     from glm_jax import data as D
     from glm_jax import distributed
-    from glm_jax.config import save_config
+    from glm_jax.config import config_changes, save_config
     from glm_jax.grpo import rollout as R
     from glm_jax.grpo.advantages import compute_advantages
     from glm_jax.monitor import Monitor, image_grid
     from glm_jax.pipeline import GlmImageStack, resolve_attention
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.rewards.base import component_metrics, nan_mean_std
-    from glm_jax.train_checkpoint import StopSignal, TrainCheckpointer
+    from glm_jax.train_checkpoint import CheckpointMismatch, StopSignal, TrainCheckpointer
 
     main_process = jax.process_index() == 0
     if not main_process:
@@ -709,6 +710,12 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                      "options": cfg.reward.options.to_dict()})
     except ValueError as e:                 # name the config field (`config.reward: dit.lpipz: unknown ...`)
         raise ValueError(f"config.reward: {e}") from None
+    if cfg.mode == "t2i":                   # before the model loads: a T2I example has no source to compare with
+        for part, rs in rewards.items():
+            for name, reward in rs.rewards.items():
+                if reward.needs_source:
+                    raise ValueError(f"config.reward.{part}: reward '{name}' compares each image with its source "
+                                     "image, which t2i examples do not have (an i2i config has them)")
     try:
         train_ds, eval_ds = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path)
         n_sources = source_count([train_ds, eval_ds], cfg.mode)
@@ -744,7 +751,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     max_len = prompt_length(stack.prompts, all_prompts, H, W, n_sources)
     max_len += cudnn_parity_pad(attention, cfg.mode, max_len, H, W)
     max_glyph = max(glyph_length(p) for p in all_prompts)
-    log(f"data: {train_ds.summary()}" + (f"; eval: {len(eval_ds)} examples" if eval_ds is not None else "")
+    no_eval = "; eval: none (no eval split: set data.eval_path)" if cfg.log.eval_every else ""
+    log(f"data: {train_ds.summary()}" + (f"; eval: {len(eval_ds)} examples" if eval_ds is not None else no_eval)
         + f"; model: {cfg.model.ckpt or 'embedded tiny GLM-Image'}; mode: {cfg.mode}; component: {cfg.component}")
     dit_cfg = stack.dit.merge().cfg
     image_token_id = stack.ar.merge().cfg.image_token_id
@@ -752,18 +760,30 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     # the resolved config is written once the data and the model have been read (a config that fails those
     # checks leaves no workdir behind)
     os.makedirs(workdir, exist_ok=True)
-    if main_process:
-        save_config(cfg, os.path.join(workdir, "config.json"))
     setup = build_train_state(cfg, stack, log=log, mesh=mesh)
     steps = make_steps(setup, cfg)
     make = BatchMaker(cfg, stack, setup, max_len=max_len, max_glyph=max_glyph, n_sources=n_sources, dtype=dtype,
                       image_token_id=image_token_id)
 
+    cfg_dict = cfg.to_dict()                # saved with each checkpoint (a resume compares it with its config)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
                              keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
     if ckpt.latest_step() is not None:
-        step, restored, meta = ckpt.restore(saved_state(setup))
+        saved_cfg = ckpt.read_meta().get("config")
+        if saved_cfg is None and os.path.exists(os.path.join(workdir, "config.json")):
+            with open(os.path.join(workdir, "config.json")) as f:   # checkpoints written before the meta held it
+                saved_cfg = json.load(f)
+        changes = config_changes(saved_cfg, cfg_dict) if saved_cfg is not None else []
+        try:
+            step, restored, meta = ckpt.restore(saved_state(setup))
+        except CheckpointMismatch as e:
+            ckpt.close()
+            raise ValueError(f"{e}; changed since that checkpoint: {', '.join(changes) or 'no config field'}. Rerun "
+                             f"with the config it was saved with ({os.path.join(workdir, 'config.json')}) or use a new "
+                             "--workdir") from None
+        if changes:
+            log("config changed since the checkpoint: " + ", ".join(changes))
         restore_state(setup, restored)
         it.restore(meta["data"])
         start = step
@@ -772,6 +792,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             log(f"the run is complete ({step} of train.steps={cfg.train.steps}); nothing to train (raise "
                 "--config.train.steps to continue it)")
 
+    if main_process:                        # after a resume's checks: a refused rerun leaves the run's config
+        save_config(cfg, os.path.join(workdir, "config.json"))
     monitor = Monitor(workdir, total_steps=cfg.train.steps, start_step=start, is_main=jax.process_index() == 0)
     stop = StopSignal()
     render_sched = stack.schedule(cfg.ar.decode_steps, H, W)
@@ -904,13 +926,14 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             monitor.advance(step)
             last = step == cfg.train.steps
             stop_now = distributed.any_process(stop.requested)   # every process stops after the same step
+            ckpt_meta = lambda: {"data": it.state(), "time": time.time(), "config": cfg_dict}
             if ckpt.should_save(step) or last or stop_now:
-                ckpt.save(step, saved_state(setup), {"data": it.state(), "time": time.time()}, force=True)
+                ckpt.save(step, saved_state(setup), ckpt_meta(), force=True)
             if stop_now:
                 log(f"{stop.signal_name or 'a stop signal to another process'}: saved step {step}; exiting")
                 break
             if stop_after is not None and step >= stop_after:
-                ckpt.save(step, saved_state(setup), {"data": it.state(), "time": time.time()}, force=True)
+                ckpt.save(step, saved_state(setup), ckpt_meta(), force=True)
                 break
             if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or last:
                 run_eval(step)

@@ -1,12 +1,14 @@
 """Training checkpoints: orbax `CheckpointManager` over the train state plus a JSON of host-side state.
 
     WORKDIR/checkpoints/<step>/state/     the train state pytree (trainable params, optimizer, EMA, step, RNG)
-    WORKDIR/checkpoints/<step>/meta/      JSON: data-iterator position, wall time, config hash, ...
+    WORKDIR/checkpoints/<step>/meta/      JSON: data-iterator position, wall time, the resolved config
 
 Saves are asynchronous (training continues while the previous save finishes) and atomic: orbax writes each step to
 a temporary directory and renames it when complete, so an interrupted save never damages the last good checkpoint
 (and an unfinished one is ignored at restore). `keep` limits how many are kept. `latest_step()` finds the newest
-complete checkpoint; a rerun with the same workdir resumes from it. `StopSignal` turns SIGTERM / SIGINT into a flag
+complete checkpoint; a rerun with the same workdir resumes from it. A checkpoint whose arrays differ from the state
+the current config builds (other trained parameters, LoRA rank, EMA on / off, ...) is a `CheckpointMismatch` naming
+the arrays, raised before anything is read. `StopSignal` turns SIGTERM / SIGINT into a flag
 that the training loop polls, so it can save and exit cleanly.
 """
 
@@ -21,6 +23,44 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointMismatch(ValueError):
+    """The saved train state has other arrays (paths or shapes) than the one to restore into."""
+
+
+def _dotted(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {_dotted(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], most: int = 2) -> str | None:
+    """One line on how the saved arrays (`path -> shape`) differ from the wanted ones; None if they agree."""
+    order = lambda k: ("opt_state" in k, k)    # examples: parameters before optimizer moments
+    only_saved = sorted(set(saved) - set(wanted), key=order)
+    only_wanted = sorted(set(wanted) - set(saved), key=order)
+    reshaped = sorted((k for k in set(saved) & set(wanted) if saved[k] != wanted[k]), key=order)
+    out = []
+    if only_saved:
+        out.append(f"{len(only_saved)} saved arrays this config does not train (e.g. {', '.join(only_saved[:most])})")
+    if only_wanted:
+        out.append(f"{len(only_wanted)} arrays of this config not in the checkpoint "
+                   f"(e.g. {', '.join(only_wanted[:most])})")
+    if reshaped:
+        out.append(f"{len(reshaped)} arrays of another shape (e.g. " +
+                   ", ".join(f"{k}: saved {saved[k]}, now {wanted[k]}" for k in reshaped[:most]) + ")")
+    return "; ".join(out) or None
+
+
 class TrainCheckpointer:
     """Save every `every` steps (and on request), keep the last `keep`, restore the latest complete one."""
 
@@ -29,7 +69,8 @@ class TrainCheckpointer:
         self.every = max(int(every), 1)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -56,9 +97,19 @@ class TrainCheckpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
         abstract = jax.tree.map(_abstract, target_state)
+        saved = self._mgr.item_metadata(step)["state"]
+        why = describe_mismatch(_shapes(saved), _shapes(abstract))
+        if why is not None:
+            raise CheckpointMismatch(f"{self.directory}/{step}: the saved train state differs from the one this "
+                                     f"config builds: {why}")
         out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              meta=ocp.args.JsonRestore()))
         return step, out["state"], dict(out["meta"])
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON saved with `step` (default: the latest complete checkpoint), without reading the state."""
+        step = self._mgr.latest_step() if step is None else step
+        return dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

@@ -134,6 +134,39 @@ def test_resume_is_exact_with_ema(dit_run, tmp_path, capsys):
         np.testing.assert_array_equal(a[e], p2[e])
 
 
+def test_resume_with_another_trained_state_is_one_line_and_names_the_change(dit_run, tmp_path, capsys):
+    """A rerun whose config builds other arrays than the checkpoint (here: EMA off) stops before reading it, with
+    one line naming the arrays and the changed field, and leaves the run's config.json as it was; a change that
+    keeps the arrays (a learning rate) resumes and is logged."""
+    straight, args = dit_run
+    work = tmp_path / "w"
+    shutil.copytree(straight, work)
+    before = (work / "config.json").read_text()
+    capsys.readouterr()
+    rc = train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(work), *args, "--config.ema.decay=0.0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("error:"), err
+    assert "saved arrays this config does not train (e.g. ema.dit." in err and "ema.decay: 0.5 -> 0.0" in err, err
+    assert (work / "config.json").read_text() == before
+    assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(work), *args,
+                       "--config.dit.lr=0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "config changed since the checkpoint: dit.lr: 0.02 -> 0.5" in err and "the run is complete" in err
+    assert json.loads((work / "config.json").read_text())["dit"]["lr"] == 0.5
+
+
+def test_describe_mismatch_names_missing_extra_and_reshaped_arrays():
+    from glm_jax.train_checkpoint import describe_mismatch
+    saved = {"dit.params.a.lora_a": (32, 8), "dit.opt_state.mu.a.lora_a": (32, 8), "ema.dit.a": (4,), "step": ()}
+    assert describe_mismatch(saved, dict(saved)) is None
+    wanted = {"dit.params.a.lora_a": (32, 16), "dit.opt_state.mu.a.lora_a": (32, 16), "step": (), "ar.params.b": (2,)}
+    msg = describe_mismatch(saved, wanted)
+    assert "1 saved arrays this config does not train (e.g. ema.dit.a)" in msg
+    assert "1 arrays of this config not in the checkpoint (e.g. ar.params.b)" in msg
+    # parameters are named before optimizer moments
+    assert "2 arrays of another shape (e.g. dit.params.a.lora_a: saved (32, 8), now (32, 16), dit.opt_state" in msg
+
+
 def test_export_reloads_trained_params_and_ema(dit_run, tmp_path):
     from glm_jax import export
     from glm_jax.checkpoint import load_model
@@ -266,6 +299,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_rerun_resumes(tmp_path, capsy
     ("--config.mesh.fsdp=2", "config.mesh.fsdp=2: multi-device training is not available"),
     ("--config.data.path=data/t2i", "config.data.path (i2i data): data/t2i/prompts.txt:1: no source image"),
     ("--config.reward.dit={'lpipz': 1.0}", "config.reward: dit.lpipz: unknown reward 'lpipz'"),
+    ("--config.reward.dit={'structure': 1.0}", "config.reward.dit: reward 'structure' compares each image with its "
+     "source image, which t2i examples do not have"),
     ("--config.model.ckpt={tmp}/none", "config.model.ckpt: {tmp}/none: no such directory"),
     ("--config.model.ckpt={tmp}/torch", "config.model.ckpt: {tmp}/torch: a PyTorch"),
     ("--config.model.ckpt={tmp}/torch", "convert it once with `python -m conversion.from_torch --src {tmp}/torch"),

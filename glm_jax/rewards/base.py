@@ -132,6 +132,7 @@ class Reward(abc.ABC):
     """Base class: `__call__` validates, times and checks the output of `score`, which subclasses implement."""
 
     name: str = "reward"
+    needs_source: bool = False      # compares each image with its source image (I2I only)
 
     @abc.abstractmethod
     def score(self, images: Any, ctx: RewardContext) -> tuple[np.ndarray, dict[str, float]]:

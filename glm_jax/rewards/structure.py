@@ -60,6 +60,8 @@ def _structure_uint8(images, sources, hw: tuple[int, int], mode: str, blur_sigma
 class StructureReward(Reward):
     """SSIM of edge (or luminance) maps of the generated image and its source, in [-1, 1]; a regulariser for I2I."""
 
+    needs_source = True
+
     def __init__(self, *, mode: str = "edges", blur_sigma: float = 1.0, max_side: int | None = None):
         if mode not in MODES:
             raise RewardError(f"unknown structure mode '{mode}' (known: {', '.join(MODES)})")
