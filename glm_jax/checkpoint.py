@@ -88,12 +88,16 @@ def load_params(directory: str, target: Mapping[str, Any] | None = None) -> dict
 
 def read_manifest(ckpt: str) -> dict:
     """The checkpoint's `glm_jax.json`; a ValueError that says what `ckpt` is instead when it is not a glm_jax
-    checkpoint (missing, not a directory, or a PyTorch / diffusers directory still to be converted)."""
+    checkpoint (missing, not a directory, a PyTorch / diffusers directory still to be converted, or a training
+    workdir still to be exported)."""
     if not os.path.exists(ckpt):
         raise ValueError(f"{ckpt}: no such directory")
     if not os.path.isdir(ckpt):
         raise ValueError(f"{ckpt}: not a directory (a glm_jax checkpoint is a directory holding {MANIFEST})")
     if not os.path.exists(os.path.join(ckpt, MANIFEST)):
+        if os.path.isdir(os.path.join(ckpt, "checkpoints")) and os.path.exists(os.path.join(ckpt, "config.json")):
+            raise ValueError(f"{ckpt}: a training workdir, not a glm_jax checkpoint; export its trained weights "
+                             f"first with `python -m glm_jax.export --workdir {ckpt} --out DIR`")
         if any(os.path.exists(os.path.join(ckpt, f)) for f in ("model_index.json", "config.json")):
             raise ValueError(f"{ckpt}: a PyTorch (transformers / diffusers) directory, not a glm_jax checkpoint; "
                              f"convert it once with `python -m conversion.from_torch --src {ckpt} --dst DIR`")

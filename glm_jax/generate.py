@@ -26,7 +26,8 @@ from glm_jax.config import ATTENTIONS
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m glm_jax.generate", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="glm_jax checkpoint directory (python -m conversion.from_torch)")
+    src.add_argument("--ckpt", help="glm_jax checkpoint directory (written by python -m conversion.from_torch or, "
+                     "from a training run, python -m glm_jax.export)")
     src.add_argument("--tiny", action="store_true", help="the embedded tiny random GLM-Image (a demo)")
     p = ap.add_mutually_exclusive_group(required=True)
     p.add_argument("--prompt", help="one prompt")

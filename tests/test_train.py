@@ -299,17 +299,21 @@ def test_sigterm_saves_a_restorable_checkpoint_and_rerun_resumes(tmp_path, capsy
     ("--config.mesh.fsdp=2", "config.mesh.fsdp=2: multi-device training is not available"),
     ("--config.data.path=data/t2i", "config.data.path (i2i data): data/t2i/prompts.txt:1: no source image"),
     ("--config.reward.dit={'lpipz': 1.0}", "config.reward: dit.lpipz: unknown reward 'lpipz'"),
-    ("--config.reward.dit={'structure': 1.0}", "config.reward.dit: reward 'structure' compares each image with its "
-     "source image, which t2i examples do not have"),
+    ("--config.reward.dit={'structure': 1.0}", ("config.reward.dit: reward 'structure' compares each image with its "
+     "source image, which t2i examples do not have")),
     ("--config.model.ckpt={tmp}/none", "config.model.ckpt: {tmp}/none: no such directory"),
     ("--config.model.ckpt={tmp}/torch", "config.model.ckpt: {tmp}/torch: a PyTorch"),
     ("--config.model.ckpt={tmp}/torch", "convert it once with `python -m conversion.from_torch --src {tmp}/torch"),
+    ("--config.model.ckpt={tmp}/run", ("{tmp}/run: a training workdir, not a glm_jax checkpoint; export its trained "
+     "weights first with `python -m glm_jax.export --workdir {tmp}/run")),
 ])
 def test_bad_config_is_one_line(override, needle, tmp_path, capsys):
     """Each bad field is a one-line error naming it, raised before the run writes anything to its workdir."""
     spec = "configs/i2i.py:tiny" if "data.path" in override else "configs/t2i.py:tiny"
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "model_index.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
     rc = train.main(["--config", spec, "--workdir", str(tmp_path / "w"), override.replace("{tmp}", str(tmp_path))])
     assert rc == 2
     err = capsys.readouterr().err.strip()
