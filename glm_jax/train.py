@@ -75,6 +75,20 @@ from typing import Any
 import numpy as np
 
 ERRORS = (ValueError, TypeError, FileNotFoundError)
+PHASE = {"now": "starting"}     # what the run is doing, named by an out-of-memory error (`out_of_memory_message`)
+
+
+def out_of_memory_message(e: BaseException, phase: str) -> str | None:
+    """One line for an accelerator out-of-memory error (XLA's RESOURCE_EXHAUSTED) raised during `phase`, with the
+    settings that reduce memory; None for any other error."""
+    text = " ".join(str(e).split())
+    if not isinstance(e, RuntimeError) or ("RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text):
+        return None
+    what = text.split(" [")[0][:200]    # drop XLA's bracketed allocator / executable tags
+    return (f"out of device memory in {phase}: {what}. To fit: --config.model.remat=dots (keeps less for the "
+            "backward pass), --config.train.micro_batch=N with N = the number of GPUs (and for the DiT "
+            "--config.dit.micro_steps=1) for smaller update micro-batches, the lora variant, or the parameters and "
+            "optimizer state split over more GPUs (--config.mesh.fsdp=-1); docs/training.md lists what fits where")
 
 
 def _parse(argv):
@@ -694,6 +708,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     from glm_jax.rewards.base import component_metrics, nan_mean_std
     from glm_jax.train_checkpoint import CheckpointMismatch, StopSignal, TrainCheckpointer
 
+    PHASE["now"] = "starting"
     main_process = jax.process_index() == 0
     if not main_process:
         log = _quiet
@@ -735,6 +750,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     # several devices: every parameter restored straight into its sharding (each process reads its shards)
     attention = resolve_attention(cfg.model.attention, dtype=dtype, backend=jax.default_backend(),
                                   tensor=dict(mesh.shape).get("tensor", 1))
+    PHASE["now"] = "loading the model"
     stack = GlmImageStack.load(ckpt_dir, dtype=dtype, dit_remat=cfg.model.remat, ar_remat=cfg.model.remat,
                                attention=attention, mesh=mesh if mesh.size > 1 else None)
     stack.prompts.check_target_size(H, W)
@@ -760,6 +776,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     # the resolved config is written once the data and the model have been read (a config that fails those
     # checks leaves no workdir behind)
     os.makedirs(workdir, exist_ok=True)
+    PHASE["now"] = "building the train state"
     setup = build_train_state(cfg, stack, log=log, mesh=mesh)
     steps = make_steps(setup, cfg)
     make = BatchMaker(cfg, stack, setup, max_len=max_len, max_glyph=max_glyph, n_sources=n_sources, dtype=dtype,
@@ -813,6 +830,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
 
     def run_eval(step):
         if eval_ds is not None:
+            PHASE["now"] = f"the evaluation at step {step}"
             m = evaluate(cfg, stack, setup, make, eval_ds, rewards, step, monitor, workdir, log=log)
             if history:
                 history[-1].update(m)
@@ -869,6 +887,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             tokens_for_dit = None
             if use_ar:
                 g = cfg.ar.group_size
+                PHASE["now"] = f"the AR rollout of step {step} (token sampling and the DiT render)"
                 with on_mesh(setup):
                     roll = R.ar_group_rollout(current_split(setup, stack, "ar"), current_split(setup, stack, "dit"),
                                               stack.vae, prep.arp, prep.glyph, prep.neg, jax.random.fold_in(key, 0),
@@ -877,6 +896,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                               first_group_id=step * 10_000, ref_kv=prep.ref_kv, timings=times)
                 adv = score("ar", roll.images, roll.group_ids, g)
                 t0 = time.perf_counter()
+                PHASE["now"] = f"the AR update of step {step}"
                 setup.ts, m = steps.update["ar"](setup.ts, R.ar_batch(roll, adv.advantages, adv.weights))
                 dt = time.perf_counter() - t0 + sync(m)
                 times["time/ar_update_s"] = dt
@@ -887,6 +907,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             if use_dit:
                 with on_mesh(setup):
                     if tokens_for_dit is None:
+                        PHASE["now"] = f"the AR token sampling of step {step}"
                         t0 = time.perf_counter()
                         tokens_for_dit, _ = R.sample_group_tokens(
                             current_split(setup, stack, "ar"), prep.arp, jax.random.fold_in(key, 1),
@@ -894,6 +915,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                             eos_id=stack.eos_id, gather=cfg.mesh.gather_decode)
                         times["time/ar_sample_s"] = time.perf_counter() - t0 + sync(tokens_for_dit)
                     g = cfg.dit.group_size
+                    PHASE["now"] = f"the DiT rollout of step {step}"
                     # the AR update donated the old state, so the DiT's current params are taken from the new one
                     droll = R.dit_group_rollout(current_split(setup, stack, "dit"), stack.vae, tokens_for_dit,
                                                 prep.arp.layout, prep.glyph, prep.neg, jax.random.fold_in(key, 2),
@@ -902,6 +924,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                                 ref_kv=prep.ref_kv, timings=times)
                 adv = score("dit", droll.images, droll.group_ids, g)
                 t0 = time.perf_counter()
+                PHASE["now"] = f"the DiT update of step {step}"
                 setup.ts, m = steps.update["dit"](setup.ts, R.dit_batch(droll, adv.advantages, adv.weights))
                 dt = time.perf_counter() - t0 + sync(m)
                 times["time/dit_update_s"] = dt
@@ -968,6 +991,12 @@ def main(argv: list[str] | None = None) -> int:
     except ERRORS as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        msg = out_of_memory_message(e, PHASE["now"])
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 3
     return 0
 
 

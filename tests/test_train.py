@@ -321,6 +321,28 @@ def test_bad_config_is_one_line(override, needle, tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_out_of_memory_is_one_line_naming_the_phase_and_what_reduces_memory(tmp_path, capsys, monkeypatch):
+    import jax
+
+    def oom(cfg, workdir, **kw):
+        train.PHASE["now"] = "the DiT update of step 1"
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 47.20GiB with allocator GPU_0_bfc on device "
+            "0. [tf-allocator-allocation-error=''] [executable_name='jit__lambda']")
+    monkeypatch.setattr(train, "train", oom)
+    assert train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: out of device memory in the DiT update of step 1: "
+                                              "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 47.20GiB"), err
+    assert "--config.model.remat=dots" in err and "--config.mesh.fsdp=-1" in err and "tf-allocator" not in err
+
+    def other(cfg, workdir, **kw):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    monkeypatch.setattr(train, "train", other)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):     # not hidden behind a one-liner
+        train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w")])
+
+
 def test_i2i_needs_one_source_count_per_run(tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(os.path.join(ROOT, "data", "i2i"), data)
