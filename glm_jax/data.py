@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -322,8 +323,11 @@ def read_image(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+PROGRESS_FROM = 1000     # datasets with at least this many images say that they are being checked
+
+
 def _check_images(examples: list[Example], check_target: SizeCheck | None, check_source: SizeCheck | None,
-                  workers: int | None) -> list[Example]:
+                  workers: int | None, log: Callable[[str], None] | None = None, where: str = "") -> list[Example]:
     paths = sorted({p for e in examples for p in (e.target, *e.sources)})
 
     def probe(p: str) -> Size | str:
@@ -332,9 +336,21 @@ def _check_images(examples: list[Example], check_target: SizeCheck | None, check
         except Exception as exc:  # noqa: BLE001 -- a corrupt file makes PIL raise many types; all mean unreadable
             return _one_line(exc)
 
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(32, os.cpu_count() or 1)     # PIL decodes outside the GIL
+    bar = None
+    if log is not None and len(paths) >= PROGRESS_FROM:
+        log(f"data: {where}: checking {len(paths)} images (full decode, {workers} threads)")
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=len(paths), desc="checking images", unit="image", file=sys.stderr, leave=False)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        sizes = dict(zip(paths, pool.map(probe, paths)))
+        sizes = {}
+        for p, got in zip(paths, pool.map(probe, paths)):
+            sizes[p] = got
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     problems = []
     out = []
     for e in examples:
@@ -353,10 +369,13 @@ def _check_images(examples: list[Example], check_target: SizeCheck | None, check
 
 
 def load_dataset(path: str, mode: str, split: str = "train", *, check_target: SizeCheck | None = None,
-                 check_source: SizeCheck | None = None, workers: int | None = None) -> Dataset:
+                 check_source: SizeCheck | None = None, workers: int | None = None,
+                 log: Callable[[str], None] | None = None) -> Dataset:
     """Validates a dataset folder (split `train` or `eval`) or `.jsonl` manifest and returns its examples with
     image sizes. Every problem is collected; the first is raised as a one-line `DataError` naming file and line.
-    `check_target` / `check_source(path, (w, h))` return None or what is wrong with that size (see `size_rule`)."""
+    `check_target` / `check_source(path, (w, h))` return None or what is wrong with that size (see `size_rule`).
+    With `log`, a dataset of `PROGRESS_FROM` images or more says that its images are being checked (and shows a
+    progress bar on a terminal)."""
     if mode not in MODES:
         raise DataError([f"mode {mode!r} is not one of {MODES}"])
     if split not in SPLITS:
@@ -369,7 +388,7 @@ def load_dataset(path: str, mode: str, split: str = "train", *, check_target: Si
         where, examples = path, _manifest_examples(path, mode)
     else:
         raise DataError([f"{path}: not a dataset folder or a .jsonl manifest"])
-    examples = _check_images(examples, check_target, check_source, workers)
+    examples = _check_images(examples, check_target, check_source, workers, log, where)
     return Dataset(mode, split, where, tuple(examples))
 
 

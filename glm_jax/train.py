@@ -732,7 +732,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                     raise ValueError(f"config.reward.{part}: reward '{name}' compares each image with its source "
                                      "image, which t2i examples do not have (an i2i config has them)")
     try:
-        train_ds, eval_ds = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path)
+        train_ds, eval_ds = D.load_splits(cfg.data.path, cfg.mode, cfg.data.eval_path, log=log)
         n_sources = source_count([train_ds, eval_ds], cfg.mode)
     except ValueError as e:                 # the data of a config that does not fit it: name the field too
         field = "data.eval_path" if cfg.data.eval_path and cfg.data.eval_path in str(e) else "data.path"

@@ -412,3 +412,15 @@ def test_eval_iterator_no_shuffle_no_drop(ds13):
     big = list(data.eval_iterator(ds13, 16, load_images=False))       # one padded batch larger than the data
     assert len(big) == 1 and big[0].valid.sum() == 13
     assert "fewer than one global batch" in error_of(data.train_iterator, ds13, 16)
+
+
+def test_a_large_dataset_says_that_its_images_are_checked(monkeypatch):
+    """From `PROGRESS_FROM` images on, loading logs one line with the number of images before decoding them all;
+    smaller datasets load silently."""
+    lines = []
+    data.load_dataset(os.path.join(ROOT, "data", "i2i"), "i2i", log=lines.append)
+    assert lines == []
+    monkeypatch.setattr(data, "PROGRESS_FROM", 10)
+    ds = data.load_dataset(os.path.join(ROOT, "data", "i2i"), "i2i", log=lines.append)
+    n = len({p for e in ds.examples for p in (e.target, *e.sources)})
+    assert n >= 10 and len(lines) == 1 and f"checking {n} images" in lines[0] and "i2i/prompts.txt" in lines[0]
