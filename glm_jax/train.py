@@ -773,8 +773,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     dit_cfg = stack.dit.merge().cfg
     image_token_id = stack.ar.merge().cfg.image_token_id
 
-    # the resolved config is written once the data and the model have been read (a config that fails those
-    # checks leaves no workdir behind)
+    # the workdir is made once the data and the model have been read (a config that fails those checks leaves
+    # none behind); the resolved config is written after a resume's checks
     os.makedirs(workdir, exist_ok=True)
     PHASE["now"] = "building the train state"
     setup = build_train_state(cfg, stack, log=log, mesh=mesh)
