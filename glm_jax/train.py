@@ -84,7 +84,8 @@ def out_of_memory_message(e: BaseException, phase: str) -> str | None:
     text = " ".join(str(e).split())
     if not isinstance(e, RuntimeError) or ("RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text):
         return None
-    what = text.split(" [")[0][:200].rstrip(".")   # without XLA's bracketed allocator / executable tags
+    what = text.split(" [")[0].rstrip(".")      # without XLA's bracketed allocator / executable tags
+    what = what if len(what) <= 320 else what[:320].rsplit(" ", 1)[0] + " ..."
     return (f"out of device memory in {phase}: {what}. To fit: --config.model.remat=dots (keeps less for the "
             "backward pass), --config.train.micro_batch=N with N = the number of GPUs (and for the DiT "
             "--config.dit.micro_steps=1) for smaller update micro-batches, the lora variant, or the parameters and "
