@@ -56,7 +56,8 @@ def main():
                          "(read while tracing; names starting with xla_ are passed to the compiler as XLA options "
                          "instead) and time them interleaved in --rounds rounds, in one process")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--attention", default="", help="'' = cuDNN on a GPU (else XLA's), or 'xla'")
+    ap.add_argument("--attention", default="", help="'' = cuDNN on a GPU (else XLA's), or 'xla'",
+                    choices=("", "xla"))
     ap.add_argument("--pipelined", type=int, default=0,
                     help="with --variants: also time N steps dispatched back to back (one wait at the end, as a "
                          "training loop runs them) in each round, next to the steps waited on one by one")
@@ -73,7 +74,7 @@ def main():
         conf = tiny_dit_config()
     cfg = DiTConfig.from_hf(conf)
     on_gpu = jax.default_backend() == "gpu"
-    attention = ("cudnn" if on_gpu else None) if a.attention == "" else (None if a.attention == "xla" else a.attention)
+    attention = "cudnn" if on_gpu and a.attention == "" else None
     res = {"device": device_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": a.tag, "remat": a.remat}
     t_glyph = a.glyph if a.glyph is not None else T_GLYPH
     res["glyph_tokens"] = t_glyph

@@ -784,6 +784,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                       image_token_id=image_token_id)
 
     cfg_dict = cfg.to_dict()                # saved with each checkpoint (a resume compares it with its config)
+    ckpt_meta = lambda: {"data": it.state(), "time": time.time(), "config": cfg_dict}
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
                              keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
@@ -950,7 +951,6 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             monitor.advance(step)
             last = step == cfg.train.steps
             stop_now = distributed.any_process(stop.requested)   # every process stops after the same step
-            ckpt_meta = lambda: {"data": it.state(), "time": time.time(), "config": cfg_dict}
             if ckpt.should_save(step) or last or stop_now:
                 ckpt.save(step, saved_state(setup), ckpt_meta(), force=True)
             if stop_now:

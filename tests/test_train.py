@@ -115,6 +115,7 @@ def test_resume_is_exact_with_ema(dit_run, tmp_path, capsys):
     assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(resumed), *args]) == 0
     err = capsys.readouterr().err
     assert "resumed" in err and "the run is complete" not in err
+    assert train.PHASE["now"] == "the evaluation at step 3"     # what an out-of-memory error would name
     a, b = _state(straight, 3), _state(resumed, 3)
     # a rerun of the finished run trains nothing more and says so
     assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(resumed), *args]) == 0
