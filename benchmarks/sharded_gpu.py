@@ -104,16 +104,17 @@ def dit_case(a, mesh, n_dev):
     sched = flow_schedule(10, h, w, scheduler_config())
     lat = (h // 8, w // 8, 16)
     t_glyph = a.glyph or (8 if SMOKE else 256)
-    x = rng.standard_normal((b, 1, *lat)).astype(np.float32)
+    j = a.dit_steps
+    x = rng.standard_normal((b, j, *lat)).astype(np.float32)
     cond = flow.make_cond(jnp.asarray(rng.standard_normal((b, t_glyph, cfg.text_embed_dim)), jnp.bfloat16),
                           jnp.asarray(rng.integers(0, 100 if SMOKE else 16384, (b, (h // 16) * (w // 16)))), h, w)
     batch = T.DitBatch(x=x, x_next=(x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32),
-                       steps=np.full((b, 1), 3, np.int32), advantages=rng.standard_normal(b).astype(np.float32),
+                       steps=np.tile(np.arange(3, 3 + j, dtype=np.int32), (b, 1)), advantages=rng.standard_normal(b).astype(np.float32),
                        weights=np.ones((b,), np.float32), cond=cond,
                        sched=(np.asarray(sched.timesteps), np.asarray(sched.sigmas)),
                        noise_level=np.asarray(0.7, np.float32))
     # forward + backward: 3x the forward (2x without weight gradients: LoRA on frozen kernels)
-    flops = (2 if a.lora else 3) * dit_flops(cfg, (h // 16) * (w // 16), t_glyph, 0) * b
+    flops = (2 if a.lora else 3) * dit_flops(cfg, (h // 16) * (w // 16), t_glyph, 0) * b * j
     return build, batch, flops, b, {"dit_layers": cfg.num_layers, "resolution": h, "glyph_tokens": t_glyph}
 
 
@@ -171,12 +172,16 @@ def main(argv=None):
     ap.add_argument("--remat", default="dots")
     ap.add_argument("--layers", type=int, default=0, help="keep the first N layers (0: all)")
     ap.add_argument("--samples-per-device", type=int, default=1, help="DiT samples per device")
+    ap.add_argument("--dit-steps", type=int, default=1, help="DiT SDE transitions per sample, one micro-batch "
+                    "each (micro_steps=1)")
     ap.add_argument("--batch-per-device", type=int, default=8, help="AR sequences per device")
     ap.add_argument("--micro", type=int, default=4, help="AR micro-batch (global)")
     ap.add_argument("--attention", default="", help="'' = cuDNN on GPU, else 'xla' (DiT; the AR's "
                     "teacher-forced pass)")
     ap.add_argument("--glyph", type=int, default=0, help="DiT glyph tokens (0: 256, 8 in smoke mode); e.g. 251 "
                     "for a stream the DiT pads to a multiple of 8 rows")
+    ap.add_argument("--gather-trained", action="store_true", help="gather the trained weights once per update "
+                    "(config mesh.gather_trained) instead of per layer in every micro-batch")
     ap.add_argument("--tag", default="")
     ap.add_argument("--compile-only", default="", help="AR: comma-separated micro-batch sizes; compile the update "
                     "for each and record XLA's memory analysis (temporaries, arguments, outputs) without running")
@@ -195,7 +200,7 @@ def main(argv=None):
     n_dev = jax.device_count()
     name = "sharded_gpu" + (f"_{a.tag}" if a.tag else "")
     res = {"device": device_info(), "part": a.part, "lora_rank": a.lora, "remat": a.remat, "devices": n_dev,
-           "processes": jax.process_count()}
+           "processes": jax.process_count(), "gather_trained": a.gather_trained}
 
     def save():
         if jax.process_index() == 0:
@@ -225,12 +230,13 @@ def main(argv=None):
     save()
 
     if a.part == "dit":
-        spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, beta=0.0))
+        spec = T.DitSpec(graphdef, tx, T.DitLossConfig(clip_range=1e-4, beta=0.0, micro_steps=1,
+                                                       gather_trained=a.gather_trained))
     else:
         spec = T.ArSpec(graphdef, tx, T.ArLossConfig(
             n_codes=info["n_codes"], eos_id=info["eos"], sampling=SamplingParams(temperature=0.9, top_k=None,
                                                                                   top_p=0.75),
-            micro_batch=a.micro))
+            micro_batch=a.micro, gather_trained=a.gather_trained))
     if a.compile_only:
         res["compiled"] = {}
         batch_sh = S.batch_shardings(batch, mesh)

@@ -101,6 +101,8 @@ def base_config() -> ConfigDict:
         gather_dit=True,                 # the same for the DiT's sampling loops (SDE rollout, ODE render, eval)
         gather_frozen=True,              # an update gathers its frozen weights (LoRA: the base model) once, not
                                          # per layer in every micro-batch
+        gather_trained=False,            # an update gathers its trained weights once, not per layer in every
+                                         # micro-batch (costs their full size per device; see docs/parallelism.md)
     ))
     return c
 

@@ -310,12 +310,14 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
             specs[part] = T.ArSpec(graphdef, tx, T.ArLossConfig(
                 n_codes=stack.n_codes, eos_id=stack.eos_id, sampling=sampling, eps_low=cfg.ar.epsilon,
                 eps_high=cfg.ar.epsilon_high, loss_type=cfg.ar.loss_type, beta=cfg.ar.beta,
-                micro_batch=cfg.train.micro_batch, gather_frozen=cfg.mesh.gather_frozen))
+                micro_batch=cfg.train.micro_batch, gather_frozen=cfg.mesh.gather_frozen,
+                gather_trained=cfg.mesh.gather_trained))
         else:
             specs[part] = T.DitSpec(graphdef, tx, T.DitLossConfig(
                 clip_range=cfg.dit.clip_range, adv_clip=cfg.reward.adv_clip, beta=cfg.dit.beta,
                 kernel=cfg.dit.kernel, guidance=cfg.dit.guidance, micro_batch=cfg.train.micro_batch,
-                micro_steps=cfg.dit.micro_steps, gather_frozen=cfg.mesh.gather_frozen))
+                micro_steps=cfg.dit.micro_steps, gather_frozen=cfg.mesh.gather_frozen,
+                gather_trained=cfg.mesh.gather_trained))
         if cfg[part].beta > 0:
             if lora_cfg is not None:
                 from glm_jax.lora import adapters_off

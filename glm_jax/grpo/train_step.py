@@ -53,7 +53,7 @@ from glm_jax.grpo.losses import (
 from glm_jax.sampling.ar_sampler import SamplingParams, score_tokens
 from glm_jax.sampling.flow import FlowCond, step_logprob
 from glm_jax.sampling.schedule import FlowSchedule
-from glm_jax.sharding import gather_weights
+from glm_jax.sharding import gather_weights, shard_weights
 
 Metrics = dict[str, jax.Array]
 sg = jax.lax.stop_gradient
@@ -133,8 +133,8 @@ def _merge(graphdef, params, frozen):
 class ArLossConfig:
     """Static AR loss settings: PPO clip `eps_low` / `eps_high` (None = eps_low), `loss_type`, `is_level`,
     `beta` (k3 KL weight), `delta` (two-sided clip), the sampler's policy (`sampling`, `n_codes`, `eos_id`),
-    the logits `chunk` of `score_tokens`, `micro_batch` sequences per accumulation step (0 = all), and
-    `gather_frozen` (see `frozen_for_update`)."""
+    the logits `chunk` of `score_tokens`, `micro_batch` sequences per accumulation step (0 = all),
+    `gather_frozen` (see `frozen_for_update`) and `gather_trained` (see `_accumulate`)."""
 
     n_codes: int
     eos_id: int
@@ -148,6 +148,7 @@ class ArLossConfig:
     chunk: int = 128
     micro_batch: int = 0
     gather_frozen: bool = True
+    gather_trained: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class DitLossConfig:
     CFG `guidance` (as in the rollout), and the accumulation unit: `micro_batch` samples (0 = all) times
     `micro_steps` of each sample's J trained steps (0 = all J) per micro-batch. At 1024² one trained step of
     one sample is one DiT forward + backward, so `micro_steps=1` bounds the memory whatever the SDE window.
-    `gather_frozen`: see `frozen_for_update`."""
+    `gather_frozen`: see `frozen_for_update`; `gather_trained`: see `_accumulate`."""
 
     clip_range: float = 1e-4
     adv_clip: float | None = 5.0
@@ -166,6 +167,7 @@ class DitLossConfig:
     micro_batch: int = 0
     micro_steps: int = 0
     gather_frozen: bool = True
+    gather_trained: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,16 +270,27 @@ def _reduce_metrics(stacked: Metrics) -> Metrics:
     return out
 
 
-def _accumulate(loss_fn, params, micro_xs, m: int):
+def _accumulate(loss_fn, params, micro_xs, m: int, gather: bool = False):
     """Sum of `grad(loss_fn)(params, mb)` over the `m` micro-batches in `micro_xs` (a `lax.scan`, float32
-    accumulators). Returns `(loss, grads, stacked metrics, stacked aux)`."""
+    accumulators). Returns `(loss, grads, stacked metrics, stacked aux)`.
+
+    `gather` (config `mesh.gather_trained`): under a mesh with `fsdp`, the trained params are gathered once
+    before the scan and every micro-batch differentiates that gathered copy, instead of XLA gathering each
+    layer's weights again in every micro-batch's forward and backward; the float32 accumulators keep the params'
+    own (FSDP) sharding, so each micro-batch's gradient is reduce-scattered into them as before. Costs the
+    trained weights' full size per device for the update. The identity without a mesh."""
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if gather:
+        zeros = shard_weights(zeros)   # the params' own sharding, not the gathered copy's
+        params = gather_weights(params)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(acc, mb):
         g_acc, l_acc = acc
         (loss, (metrics, aux)), g = grad_fn(params, mb)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        if gather:
+            g_acc = shard_weights(g_acc)
         return (g_acc, l_acc + loss), (metrics, aux)
 
     (grads, loss), (metrics, aux) = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro_xs, length=m)
@@ -342,7 +355,8 @@ def ar_grads(spec: ArSpec, policy: PolicyState, batch: ArBatch, ref_params=None)
     m = _n_micro(b, spec.loss.micro_batch)
     norm = _ar_norm(spec, batch)
     loss_fn = partial(_ar_loss, spec, frozen_for_update(spec.loss, policy.frozen), ref_params, norm)
-    loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, _ar_micro_xs(batch, m, ref_params), m)
+    loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, _ar_micro_xs(batch, m, ref_params), m,
+                                           spec.loss.gather_trained)
     metrics = {"loss": loss, **_reduce_metrics(stacked)}
     if batch.sampler_logprobs is not None:
         metrics.update(_mismatch(_from_micro(lp), batch.sampler_logprobs, batch.loss_mask))
@@ -456,7 +470,7 @@ def dit_grads(spec: DitSpec, policy: PolicyState, batch: DitBatch, ref_params=No
     m, micro, norm, sched = _dit_prepare(spec, batch)
     loss_fn = partial(_dit_loss, spec, frozen_for_update(spec.loss, policy.frozen), ref_params, sched,
                       batch.noise_level, norm)
-    loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, micro, m)
+    loss, grads, stacked, lp = _accumulate(loss_fn, policy.params, micro, m, spec.loss.gather_trained)
     metrics = {"loss": loss, **_reduce_metrics(stacked)}
     if batch.sampler_logprobs is not None:
         metrics.update(_mismatch(_from_micro(lp).reshape(b, j), batch.sampler_logprobs, jnp.ones((b, j), bool)))
