@@ -5,6 +5,8 @@ full fine-tuning or LoRA, one process with every GPU or one process per GPU.
     python -m benchmarks.sharded_gpu --part ar --lora 64 [--batch-per-device 8] [--micro 4]
     python -m glm_jax.launch --nproc 2 --module benchmarks.sharded_gpu -- --part dit      # 2 processes
     python -m benchmarks.sharded_gpu --part ar --lora 64 --compile-only 1,2,4,8   # XLA's memory per micro-batch
+    python -m benchmarks.sharded_gpu --part ar --batch-per-device 2 --micro 4 --gather-trained  # mesh.gather_trained
+    python -m benchmarks.sharded_gpu --part dit --dit-steps 3 [--gather-trained]   # 3 micro-batches per update
 
 The mesh is `fsdp` over every device of every process (`glm_jax.sharding.make_mesh`). Random bf16 weights are
 generated straight into their shardings (each device draws its own slices), the train state (fp32 Adam moments)

@@ -654,6 +654,9 @@ def make_train_mesh(cfg, log=print):
         log(f"mesh: {' x '.join(f'{a}={n}' for a, n in sizes.items())} over {mesh.size} devices "
             + (f"of {n_proc} processes " if n_proc > 1 else "")
             + f"({', '.join(kinds)}: {', '.join(str(d) for d in mesh.devices.flat)})")
+        if cfg.mesh.gather_trained and sizes["fsdp"] > 1:
+            log("mesh: the updates gather their trained weights once, before the micro-batches "
+                "(mesh.gather_trained)")
     return mesh
 
 

@@ -223,6 +223,43 @@ def test_lora_update_gathers_the_frozen_base_once():
     assert max(np.abs(a - b).max() for a, b in zip(*upd, strict=True)) <= 1e-4 * scale
 
 
+@needs8
+@pytest.mark.parametrize("part", ["ar", "dit"])
+def test_gather_trained_gathers_the_trained_weights_once_with_the_same_update(part):
+    """`gather_trained` (`mesh.gather_trained`): the update constrains every fsdp-split trained weight to a
+    sharding without `fsdp` once, before its micro-batch scan (AR: 2 micro-batches, beta > 0; DiT: 2), keeps the
+    gradient accumulators split like the params, and gives the update without it (float32 rounding)."""
+    spec0, ts0, batch, ref = (ar_case if part == "ar" else dit_case)()
+    spec0 = type(spec0)(spec0.graphdef, spec0.tx, dataclasses.replace(spec0.loss, micro_batch=4))
+    mesh = S.make_mesh(MESHES["data2_fsdp4"])
+    split = [x for x in jax.tree.leaves(getattr(S.shard_train_state(copy_tree(ts0), mesh), part).params)
+             if "fsdp" in str(x.sharding.spec)]
+    assert len(split) > 5
+    shapes = {tuple(x.shape) for x in split}
+    step = T.ar_update_step if part == "ar" else T.dit_update_step
+    results = []
+    for gather in (False, True):
+        spec = type(spec0)(spec0.graphdef, spec0.tx, dataclasses.replace(spec0.loss, gather_trained=gather))
+        ts = S.shard_train_state(copy_tree(ts0), mesh)
+        sharded_ref = None if ref is None else S.place(ref, S.param_shardings(ref, mesh))
+        with jax.set_mesh(mesh):
+            n = gathered_outside_loops(shapes, partial(step, spec, ts, batch, sharded_ref))
+            acc = split_constraints_in_loops(shapes, partial(step, spec, ts, batch, sharded_ref))
+        if gather:
+            assert n >= len(split) and acc >= len(split), (n, acc)
+        else:
+            assert n < len(split), n
+        ts, m = S.ShardedUpdate(part, spec, mesh, ts).update(ts, batch, ref)
+        results.append((float(m["loss"]), float(m["grad_norm"]), host(getattr(ts, part).params)))
+    p0 = host(getattr(ts0, part).params)
+    upd = [[x - x0 for x, x0 in zip(r[2], p0, strict=True)] for r in results]
+    scale = max(np.abs(u).max() for u in upd[0])
+    assert scale > 1e-4                                                            # the params moved
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
+    assert max(np.abs(a - b).max() for a, b in zip(*upd, strict=True)) <= 1e-4 * scale
+
+
 # -------------------------------------------------------------------------------------------- mesh, rules
 
 
@@ -516,6 +553,23 @@ def gathered_outside_loops(shapes: set, fn) -> int:
                 for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                     walk(sub)
     walk(jax.make_jaxpr(fn)().jaxpr)
+    return count
+
+
+def split_constraints_in_loops(shapes: set, fn) -> int:
+    """How many sharding constraints with `fsdp` the program of `fn()` applies inside loops to arrays of the given
+    shapes: gradient accumulators kept split like the params while their addends are gathered."""
+    count = 0
+
+    def walk(jaxpr, in_loop):
+        nonlocal count
+        for eqn in jaxpr.eqns:
+            if (eqn.primitive.name == "sharding_constraint" and in_loop
+                    and tuple(eqn.invars[0].aval.shape) in shapes and "fsdp" in str(eqn.params["sharding"].spec)):
+                count += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub, in_loop or eqn.primitive.name in ("while", "scan"))
+    walk(jax.make_jaxpr(fn)().jaxpr, False)
     return count
 
 

@@ -76,9 +76,9 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 2-step run on a 4-device mesh (`data=1 x fsdp=4`) in a subprocess, on 2 processes (`fsdp=2`),
-    both stopped after step 1 and resumed, and on one device in this process, concurrently (training data
-    without an eval split)."""
+    """The same 2-step run on a 4-device mesh (`data=1 x fsdp=4`, `mesh.gather_trained`) in a subprocess, on 2
+    processes (`fsdp=2`), both stopped after step 1 and resumed, and on one device in this process, concurrently
+    (training data without an eval split)."""
     import jax
     root = tmp_path_factory.mktemp("sharded")
     data = root / "data"
@@ -95,7 +95,9 @@ def runs(tmp_path_factory):
         assert train.main(["--config", {spec!r}, "--workdir", {work!r}, *args]) == 0
     """
     mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
-    proc = _script(4, body.format(args=[*args, *mesh], spec=SPEC, work=str(sharded)))
+    # the 4-device run with the trained weights gathered once per update; the 2-process run without
+    proc = _script(4, body.format(args=[*args, *mesh, "--config.mesh.gather_trained=true"], spec=SPEC,
+                                  work=str(sharded)))
     procs = _launch(2, body.format(args=[*args, *mesh], spec=SPEC, work=str(multi)))
     try:
         if jax.device_count() == 1:
@@ -122,6 +124,7 @@ def runs(tmp_path_factory):
 def test_fsdp_mesh_trains_as_one_device(runs):
     sharded, single, err, _, _ = runs
     assert err.count("mesh: data=1 x fsdp=4 x tensor=1 over 4 devices") == 2
+    assert err.count("gather their trained weights once") == 2
     assert "resumed from" in err and "at step 1" in err and "step 2/2" in err
     ref1, ref2 = _params(single, 1), _params(single, 2)
     assert _rel(ref1, ref2) > 100 * TOL     # the second update moves the params far more than the tolerance
