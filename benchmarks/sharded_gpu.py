@@ -111,7 +111,8 @@ def dit_case(a, mesh, n_dev):
     cond = flow.make_cond(jnp.asarray(rng.standard_normal((b, t_glyph, cfg.text_embed_dim)), jnp.bfloat16),
                           jnp.asarray(rng.integers(0, 100 if SMOKE else 16384, (b, (h // 16) * (w // 16)))), h, w)
     batch = T.DitBatch(x=x, x_next=(x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32),
-                       steps=np.tile(np.arange(3, 3 + j, dtype=np.int32), (b, 1)), advantages=rng.standard_normal(b).astype(np.float32),
+                       steps=np.tile(np.arange(3, 3 + j, dtype=np.int32), (b, 1)),
+                       advantages=rng.standard_normal(b).astype(np.float32),
                        weights=np.ones((b,), np.float32), cond=cond,
                        sched=(np.asarray(sched.timesteps), np.asarray(sched.sigmas)),
                        noise_level=np.asarray(0.7, np.float32))

@@ -224,36 +224,34 @@ def test_lora_update_gathers_the_frozen_base_once():
 
 
 @needs8
-@pytest.mark.parametrize("part", ["ar"])
-def test_gather_trained_gathers_the_trained_weights_once_with_the_same_update(part):
-    """`gather_trained` (`mesh.gather_trained`): the update constrains every fsdp-split trained weight to a
-    sharding without `fsdp` once, before its micro-batch scan (AR: 2 micro-batches, beta > 0), keeps the gradient
+def test_gather_trained_gathers_the_trained_weights_once_with_the_same_update():
+    """`gather_trained` (`mesh.gather_trained`): the AR update (2 micro-batches, beta > 0) constrains every
+    fsdp-split trained weight to a sharding without `fsdp` once, before its micro-batch scan, keeps the gradient
     accumulators split like the params, and gives the update without it (float32 rounding). Both policies share
-    the scan (`train_step._accumulate`); the DiT's path runs in tests/test_train_sharded.py's 4-device trainer
-    run, which equals the one-device run ("dit" here passes too, 12 s more)."""
-    spec0, ts0, batch, ref = (ar_case if part == "ar" else dit_case)()
-    spec0 = type(spec0)(spec0.graphdef, spec0.tx, dataclasses.replace(spec0.loss, micro_batch=4))
+    that scan (`train_step._accumulate`); the DiT's path runs in tests/test_train_sharded.py's 4-device trainer
+    run, which equals the one-device run."""
+    spec0, ts0, batch, ref = ar_case()
     mesh = S.make_mesh(MESHES["data2_fsdp4"])
-    split = [x for x in jax.tree.leaves(getattr(S.shard_train_state(copy_tree(ts0), mesh), part).params)
+    split = [x for x in jax.tree.leaves(S.shard_train_state(copy_tree(ts0), mesh).ar.params)
              if "fsdp" in str(x.sharding.spec)]
     assert len(split) > 5
     shapes = {tuple(x.shape) for x in split}
-    step = T.ar_update_step if part == "ar" else T.dit_update_step
+    sharded_ref = S.place(ref, S.param_shardings(ref, mesh))
     results = []
     for gather in (False, True):
-        spec = type(spec0)(spec0.graphdef, spec0.tx, dataclasses.replace(spec0.loss, gather_trained=gather))
+        spec = T.ArSpec(spec0.graphdef, spec0.tx,
+                        dataclasses.replace(spec0.loss, micro_batch=4, gather_trained=gather))
         ts = S.shard_train_state(copy_tree(ts0), mesh)
-        sharded_ref = None if ref is None else S.place(ref, S.param_shardings(ref, mesh))
+        traced = partial(T.ar_update_step, spec, ts, batch, sharded_ref)
         with jax.set_mesh(mesh):
-            n = gathered_outside_loops(shapes, partial(step, spec, ts, batch, sharded_ref))
-            acc = split_constraints_in_loops(shapes, partial(step, spec, ts, batch, sharded_ref))
+            n, acc = gathered_outside_loops(shapes, traced), split_constraints_in_loops(shapes, traced)
         if gather:
             assert n >= len(split) and acc >= len(split), (n, acc)
         else:
             assert n < len(split), n
-        ts, m = S.ShardedUpdate(part, spec, mesh, ts).update(ts, batch, ref)
-        results.append((float(m["loss"]), float(m["grad_norm"]), host(getattr(ts, part).params)))
-    p0 = host(getattr(ts0, part).params)
+        ts, m = S.ShardedUpdate("ar", spec, mesh, ts).update(ts, batch, ref)
+        results.append((float(m["loss"]), float(m["grad_norm"]), host(ts.ar.params)))
+    p0 = host(ts0.ar.params)
     upd = [[x - x0 for x, x0 in zip(r[2], p0, strict=True)] for r in results]
     scale = max(np.abs(u).max() for u in upd[0])
     assert scale > 1e-4                                                            # the params moved
