@@ -86,10 +86,18 @@ def out_of_memory_message(e: BaseException, phase: str) -> str | None:
         return None
     what = text.split(" [")[0].rstrip(".")      # without XLA's bracketed allocator / executable tags
     what = what if len(what) <= 320 else what[:320].rsplit(" ", 1)[0] + " ..."
+    if "_bfc" in text:      # XLA's default pool: a large block needs one free piece of it
+        allocator = (" or, when the GPU has the memory but not in one free piece, JAX's VMM allocator "
+                     "(XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_CLIENT_MEM_FRACTION=0.95);")
+    elif "PA budget" in text:   # the VMM allocator: its budget is a fraction of the GPU's memory
+        allocator = " or a larger budget for the VMM allocator (XLA_CLIENT_MEM_FRACTION, 0.75 by default);"
+    else:
+        allocator = ""
     return (f"out of device memory in {phase}: {what}. To fit: --config.model.remat=dots (keeps less for the "
             "backward pass), --config.train.micro_batch=N with N = the number of GPUs (and for the DiT "
-            "--config.dit.micro_steps=1) for smaller update micro-batches, the lora variant, or the parameters and "
-            "optimizer state split over more GPUs (--config.mesh.fsdp=-1); docs/training.md lists what fits where")
+            "--config.dit.micro_steps=1) for smaller update micro-batches, the lora variant, the parameters and "
+            f"optimizer state split over more GPUs (--config.mesh.fsdp=-1);{allocator} docs/training.md lists what "
+            "fits where")
 
 
 def _parse(argv):

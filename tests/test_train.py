@@ -336,6 +336,18 @@ def test_out_of_memory_is_one_line_naming_the_phase_and_what_reduces_memory(tmp_
     assert "\n" not in err and err.startswith("error: out of device memory in the DiT update of step 1: "
                                               "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 47.20GiB"), err
     assert "--config.model.remat=dots" in err and "--config.mesh.fsdp=-1" in err and "tf-allocator" not in err
+    assert "XLA_PYTHON_CLIENT_ALLOCATOR=vmm" in err          # the default pool: the VMM allocator is named
+
+    def vmm_oom(cfg, workdir, **kw):
+        train.PHASE["now"] = "the DiT update of step 1"
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Not enough PA budget: pa_allocated=90550829056B, allocation_size=49819942912B, "
+            "pa_budget=112582410240B [executable_name='jit__lambda']")
+    monkeypatch.setattr(train, "train", vmm_oom)
+    assert train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Not enough PA budget" in err and "XLA_CLIENT_MEM_FRACTION" in err, err
+    assert "XLA_PYTHON_CLIENT_ALLOCATOR=vmm" not in err                     # already that allocator
 
     def other(cfg, workdir, **kw):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
