@@ -15,9 +15,7 @@ scaling measure (efficiency = images/s per GPU on N / on 1). Reports the median 
 (compile), the time per phase and peak memory per device; process 0 writes `$OUT/scaling_gpu_<tag>.json`.
 JAX's default memory preallocation is kept, as in `glm_jax.train`: with `XLA_PYTHON_CLIENT_PREALLOCATE=false`
 the LoRA update's 32.8 GiB of temporaries could not be placed after the AR sample (fragmentation, on 2 and 4
-H100s). `--gather-dit 0` / `--gather-frozen 0` turn off `mesh.gather_dit` / `mesh.gather_frozen`;
-`--offload-frozen` keeps the AR and the VAE in pinned host memory during each update, as `train.offload_frozen`
-does (`GlmImageStack.move_to`; the copying time is reported as `offload_s`).
+H100s). `--gather-dit 0` / `--gather-frozen 0` turn off `mesh.gather_dit` / `mesh.gather_frozen`.
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ def main(argv=None):
     ap.add_argument("--gather-frozen", type=int, default=1,
                     help="1: the update gathers the frozen (LoRA base) weights once (mesh.gather_frozen); 0: per "
                          "micro-batch")
-    ap.add_argument("--offload-frozen", action="store_true",
-                    help="the AR and the VAE wait in pinned host memory during each update (train.offload_frozen)")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     distributed.initialize()
@@ -61,7 +57,7 @@ def main(argv=None):
     from glm_jax.models.ar import ArConfig, GlmImageAR
     from glm_jax.models.dit import DiTConfig, GlmImageDiT
     from glm_jax.models.vae import AutoencoderKL, VAEConfig
-    from glm_jax.pipeline import GlmImageStack, Split, ar_token_ids
+    from glm_jax.pipeline import ar_token_ids
     from glm_jax.rewards import RewardContext, build_reward_sets
     from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams
     from glm_jax.sampling.schedule import flow_schedule
@@ -81,7 +77,7 @@ def main(argv=None):
     attn = "cudnn" if jax.default_backend() == "gpu" else None
     res = {"device": device_info(), "devices": n_dev, "processes": n_proc, "prompts": p_global, "group": a.group,
            "lora_rank": a.lora, "steps": a.steps, "gather_dit": bool(a.gather_dit),
-           "gather_frozen": bool(a.gather_frozen), "offload_frozen": a.offload_frozen}
+           "gather_frozen": bool(a.gather_frozen)}
 
     def save():
         if jax.process_index() == 0:
@@ -96,8 +92,6 @@ def main(argv=None):
                                               rngs=nnx.Rngs(0), with_vision=False)))
     vae = nnx.split(sharded(lambda: AutoencoderKL(VAEConfig.from_hf(vae_conf), dtype=jnp.bfloat16,
                                                   param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
-    frozen = GlmImageStack(ar=Split(*ar), dit=None, vae=Split(*vae), t5=None, scheduler_config={})
-    del ar, vae
     dit = sharded(lambda: GlmImageDiT(dit_cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attn,
                                       rngs=nnx.Rngs(0)))
     dit.remat = "dots"
@@ -133,13 +127,13 @@ def main(argv=None):
         t_all = time.perf_counter()
         with jax.set_mesh(mesh):
             t = time.perf_counter()
-            tokens, _ = R.sample_group_tokens(frozen.ar, arp, jax.random.fold_in(key, 1), np.arange(p_global) + 1000 * i,
+            tokens, _ = R.sample_group_tokens(ar, arp, jax.random.fold_in(key, 1), np.arange(p_global) + 1000 * i,
                                               sampling, n_codes=n_codes, eos_id=eos)
             jax_sync(tokens)
             times["ar_sample_s"] = time.perf_counter() - t
             policy = ts.dit
             current = (graphdef, nnx.merge_state(policy.params, policy.frozen))
-            droll = R.dit_group_rollout(current, frozen.vae, tokens, layout, glyph.astype(jnp.bfloat16), None,
+            droll = R.dit_group_rollout(current, vae, tokens, layout, glyph.astype(jnp.bfloat16), None,
                                         jax.random.fold_in(key, 2), rcfg, sched, height=h, width=w,
                                         first_sample_id=i * 10_000, first_group_id=i * 10_000, timings=times)
         t = time.perf_counter()
@@ -150,18 +144,10 @@ def main(argv=None):
         comps = {k: distributed.gather_rows(v) for k, v in scores.components.items()}
         adv = compute_advantages(comps, np.repeat(np.arange(p_global), a.group), reward_weights=rewards.weights)
         times["rewards_s"] = time.perf_counter() - t
-        if a.offload_frozen:
-            t = time.perf_counter()
-            frozen.move_to("pinned_host")
-            times["offload_s"] = time.perf_counter() - t
         t = time.perf_counter()
         new_ts, m = update.update(ts, R.dit_batch(droll, adv.advantages, adv.weights))
         jax_sync(m)
         times["update_s"] = time.perf_counter() - t
-        if a.offload_frozen:
-            t = time.perf_counter()
-            frozen.move_to("device")
-            times["offload_s"] += time.perf_counter() - t
         times["iteration_s"] = time.perf_counter() - t_all
         times["loss"] = float(m["loss"])
         return new_ts, times

@@ -61,8 +61,6 @@ def base_config() -> ConfigDict:
         num_iterations=1,                # inner epochs over one rollout
         compile_cache="",                # persistent XLA compilation cache directory ("" = off): reruns and
                                          # resumes load the compiled steps instead of compiling them again
-        offload_frozen=False,            # the frozen models (the AR of a DiT run, the DiT of an AR run, the VAE
-                                         # and glyph encoder) wait in pinned host memory during each update
     ))
     c.ar = ConfigDict(dict(
         group_size=8, temperature=0.9, top_p=0.75, top_k=0,          # top_k 0 = the whole code vocabulary

@@ -158,28 +158,6 @@ class GlmImageStack:
         return cls(**loaded, scheduler_config=tiny.scheduler_config(), prompts=prompts, n_codes=n_codes,
                    eos_id=eos_id)
 
-    def move_to(self, memory_kind: str) -> int:
-        """Moves the arrays of every loaded component (`ar`, `dit`, `vae`, `t5`; those a trainer took over are
-        None) to `memory_kind` of the devices they are on, keeping their shardings: `"pinned_host"` (host memory
-        of each device, page-locked for fast copies) or `"device"` (back). The old copies are freed once the new
-        ones are complete. Returns the bytes moved (this process's shards)."""
-        moved = 0
-        for name in SLOTS:
-            part = getattr(self, name)
-            if part is None:
-                continue
-            leaves = jax.tree.leaves(part.state)
-            if all(x.sharding.memory_kind == memory_kind for x in leaves):
-                continue
-            state = jax.device_put(part.state, jax.tree.map(lambda x: x.sharding.with_memory_kind(memory_kind),
-                                                            part.state))
-            jax.block_until_ready(state)
-            moved += sum(shard.data.nbytes for x in jax.tree.leaves(state) for shard in x.addressable_shards)
-            for x in leaves:            # JAX does not donate across memory kinds: free the old copies here
-                x.delete()
-            setattr(self, name, Split(part.graphdef, state))
-        return moved
-
     def schedule(self, num_steps: int, height: int, width: int) -> FlowSchedule:
         """The pipeline's fp32 flow schedule for `num_steps` at `height x width`."""
         return flow_schedule(num_steps, height, width, self.scheduler_config)

@@ -601,27 +601,6 @@ def on_mesh(setup: TrainSetup):
     return jax.set_mesh(setup.mesh)
 
 
-FROZEN_NAMES = {"ar": "AR", "dit": "DiT", "vae": "VAE", "t5": "glyph encoder"}
-
-
-@contextlib.contextmanager
-def frozen_on_host(stack, enabled: bool, times: dict):
-    """With `enabled` (`train.offload_frozen`), the stack's frozen models wait in pinned host memory while the
-    block (an update) runs, so that its temporaries can use their device memory, and come back to the devices
-    after it; the copying time is added to `times["time/offload_s"]`. After an error in the block they stay on
-    the host (the run stops)."""
-    if not enabled:
-        yield
-        return
-    t0 = time.perf_counter()
-    stack.move_to("pinned_host")
-    t1 = time.perf_counter()
-    yield
-    t2 = time.perf_counter()
-    stack.move_to("device")
-    times["time/offload_s"] = times.get("time/offload_s", 0.0) + (t1 - t0) + (time.perf_counter() - t2)
-
-
 def _fit(images: list[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
     """uint8 images of any sizes as one `[N, h, w, 3]` batch at `hw` (bicubic where the size differs)."""
     from PIL import Image
@@ -813,11 +792,6 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
     os.makedirs(workdir, exist_ok=True)
     PHASE["now"] = "building the train state"
     setup = build_train_state(cfg, stack, log=log, mesh=mesh)
-    if cfg.train.offload_frozen:
-        frozen = [n for n in FROZEN_NAMES if getattr(stack, n) is not None]
-        gb = sum(x.nbytes for n in frozen for x in jax.tree.leaves(getattr(stack, n).state)) / 1e9
-        log(f"memory: the frozen {', '.join(FROZEN_NAMES[n] for n in frozen)} ({gb:.2f} GB) wait in pinned host "
-            "memory during each update (train.offload_frozen)")
     steps = make_steps(setup, cfg)
     make = BatchMaker(cfg, stack, setup, max_len=max_len, max_glyph=max_glyph, n_sources=n_sources, dtype=dtype,
                       image_token_id=image_token_id)
@@ -936,11 +910,10 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                               height=H, width=W, first_sample_id=step * 1_000_000,
                                               first_group_id=step * 10_000, ref_kv=prep.ref_kv, timings=times)
                 adv = score("ar", roll.images, roll.group_ids, g)
+                t0 = time.perf_counter()
                 PHASE["now"] = f"the AR update of step {step}"
-                with frozen_on_host(stack, cfg.train.offload_frozen, times):
-                    t0 = time.perf_counter()
-                    setup.ts, m = steps.update["ar"](setup.ts, R.ar_batch(roll, adv.advantages, adv.weights))
-                    dt = time.perf_counter() - t0 + sync(m)
+                setup.ts, m = steps.update["ar"](setup.ts, R.ar_batch(roll, adv.advantages, adv.weights))
+                dt = time.perf_counter() - t0 + sync(m)
                 times["time/ar_update_s"] = dt
                 n_tok = roll.prompts.input_ids.shape[0] * (roll.prompts.input_ids.shape[1] + roll.tokens.shape[1])
                 record("ar", m, dt, ar_update_flops(setup.forward_params["ar"], tokens=n_tok, beta=cfg.ar.beta,
@@ -965,11 +938,10 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
                                                 first_sample_id=step * 1_000_000, first_group_id=step * 10_000,
                                                 ref_kv=prep.ref_kv, timings=times)
                 adv = score("dit", droll.images, droll.group_ids, g)
+                t0 = time.perf_counter()
                 PHASE["now"] = f"the DiT update of step {step}"
-                with frozen_on_host(stack, cfg.train.offload_frozen, times):
-                    t0 = time.perf_counter()
-                    setup.ts, m = steps.update["dit"](setup.ts, R.dit_batch(droll, adv.advantages, adv.weights))
-                    dt = time.perf_counter() - t0 + sync(m)
+                setup.ts, m = steps.update["dit"](setup.ts, R.dit_batch(droll, adv.advantages, adv.weights))
+                dt = time.perf_counter() - t0 + sync(m)
                 times["time/dit_update_s"] = dt
                 n_ref = n_sources * n_img
                 record("dit", m, dt, dit_update_flops(

@@ -50,10 +50,7 @@ def _flat_params(module) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("mode,component", [("t2i", "ar"), ("t2i", "both"), ("i2i", "dit")])
 def test_cli_runs_each_mode_and_component(mode, component, tmp_path, capsys):
     work = tmp_path / "run"
-    # the AR run keeps its frozen DiT, VAE and glyph encoder in host memory during its updates
-    offload = ["--config.train.offload_frozen=true"] if component == "ar" else []
-    assert train.main(["--config", f"configs/{mode}.py:tiny,{component}", "--workdir", str(work), *FAST,
-                       *offload]) == 0
+    assert train.main(["--config", f"configs/{mode}.py:tiny,{component}", "--workdir", str(work), *FAST]) == 0
     cfg = json.loads((work / "config.json").read_text())
     assert cfg["component"] == component and cfg["mode"] == mode and cfg["train"]["steps"] == 2
     assert "2" in os.listdir(work / "checkpoints")
@@ -63,7 +60,6 @@ def test_cli_runs_each_mode_and_component(mode, component, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step 2/2" in err and "checkpoints:" in err and "eval at step 2" in err
     assert "attention: XLA's attention in the DiT and the AR update (model.attention='')" in err    # CPU
-    assert ("memory: the frozen DiT, VAE, glyph encoder (" in err) == bool(offload)
     parts = ["ar", "dit"] if component == "both" else [component]
     tags = _tb_tags(work / "tensorboard")
     for part in parts:
@@ -75,7 +71,6 @@ def test_cli_runs_each_mode_and_component(mode, component, tmp_path, capsys):
     clip = {"ar": "ar/clip_frac", "dit": "dit/clipfrac"}
     assert all(clip[p] in tags for p in parts)
     assert {"time/decode_s", "throughput/images_per_s", "time/ar_sample_s"} <= tags
-    assert ("time/offload_s" in tags) == bool(offload)
     if mode == "i2i":
         assert "time/source_encode_s" in tags
         if "dit" in parts:
@@ -138,55 +133,6 @@ def test_resume_is_exact_with_ema(dit_run, tmp_path, capsys):
         init = 2 * p2[e] - p2[k]
         np.testing.assert_allclose(p1[e], init, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(a[e], p2[e])
-
-
-def test_offload_frozen_keeps_the_frozen_models_on_the_host_during_updates_and_trains_the_same(
-        dit_run, tmp_path, capsys, monkeypatch):
-    """`train.offload_frozen`: while each DiT update runs, the frozen AR, VAE and glyph encoder are in pinned host
-    memory; the rollouts and the evaluation get them back on the device; the trained state equals the run without
-    the option to the bit."""
-    import dataclasses
-
-    import jax
-
-    from glm_jax.pipeline import GlmImageStack
-    straight, args = dit_run
-    stacks, seen = [], []
-    load = GlmImageStack.load
-
-    def capture(*a, **k):
-        stacks.append(load(*a, **k))
-        return stacks[-1]
-    monkeypatch.setattr(GlmImageStack, "load", capture)
-
-    def kinds():
-        return {n: {x.sharding.memory_kind for x in jax.tree.leaves(getattr(stacks[0], n).state)}
-                for n in ("ar", "vae", "t5")}
-    make_steps = train.make_steps
-
-    def watched(setup, cfg):
-        steps = make_steps(setup, cfg)
-
-        def wrap(fn):
-            def update(ts, batch):
-                seen.append(kinds())
-                return fn(ts, batch)
-            return update
-        return dataclasses.replace(steps, update={p: wrap(f) for p, f in steps.update.items()})
-    monkeypatch.setattr(train, "make_steps", watched)
-    work = tmp_path / "offload"
-    assert train.main(["--config", "configs/t2i.py:tiny,dit", "--workdir", str(work), *args,
-                       "--config.train.offload_frozen=true"]) == 0
-    err = capsys.readouterr().err
-    assert "memory: the frozen AR, VAE, glyph encoder (" in err and "(train.offload_frozen)" in err
-    host = {"ar": {"pinned_host"}, "vae": {"pinned_host"}, "t5": {"pinned_host"}}
-    assert seen == [host] * 3                                           # every update, every frozen array
-    assert kinds() == {"ar": {"device"}, "vae": {"device"}, "t5": {"device"}}     # back after the last one
-    assert "time/offload_s" in _tb_tags(work / "tensorboard")
-    a, b = _state(straight, 3), _state(work, 3)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_resume_with_another_trained_state_is_one_line_and_names_the_change(dit_run, tmp_path, capsys):
