@@ -295,6 +295,7 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
         lora_cfg = LoraConfig.from_config(cfg.lora)
     sampling = SamplingParams(temperature=cfg.ar.temperature, top_k=cfg.ar.top_k or stack.n_codes,
                               top_p=cfg.ar.top_p)
+    param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.param_dtype]
     specs, lr_fns, policies, refs, ema, loras, fwd, trained = {}, {}, {}, {}, {}, {}, {}, {}
     for k, part in enumerate(parts):
         opt_cfg = O.OptimConfig.from_config(cfg[part], cfg.train.steps)
@@ -304,9 +305,16 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
         base_filter = T.ar_trainable if part == "ar" else T.dit_trainable
         fwd[part] = _count(nnx.state(module, base_filter))
         trainable = base_filter
-        if lora_cfg is not None:
+        if lora_cfg is None:
+            # full fine-tuning: the trained weights in `model.param_dtype` whatever dtype the checkpoint stores
+            # (the released weights are bf16, whose values near 0.01 lie 6.1e-5 apart: an update of lr 1e-5
+            # would round away); the frozen rest keeps the stored dtype
+            nnx.update(module, jax.tree.map(
+                lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != param_dtype
+                else x, nnx.state(module, base_filter)))
+        else:
             from glm_jax.lora import add_lora, lora_trainable
-            paths = add_lora(module, lora_cfg, rngs=nnx.Rngs(cfg.seed * 1000 + 17 + k))
+            paths = add_lora(module, lora_cfg, rngs=nnx.Rngs(cfg.seed * 1000 + 17 + k), param_dtype=param_dtype)
             trainable = lora_trainable
             loras[part] = lora_cfg
             log(f"lora: {len(paths)} adapted {part} layers (rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, "
@@ -334,7 +342,7 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
                 refs[part] = jax.tree.map(jnp.copy, policies[part].params)
         if cfg.ema.decay > 0:
             ema[part] = ema_init(policies[part].params)
-        log(f"{part}: {trained[part]:,} trained parameters"
+        log(f"{part}: {trained[part]:,} trained parameters in {cfg.model.param_dtype}"
             + (f" (LoRA on a {fwd[part]:,}-parameter model)" if lora_cfg is not None else ""))
     ts = T.init_train_state(jax.random.key(cfg.seed), ar=policies.get("ar"), dit=policies.get("dit"))
     if mesh is None or mesh.size == 1:

@@ -135,6 +135,37 @@ def test_resume_is_exact_with_ema(dit_run, tmp_path, capsys):
         np.testing.assert_array_equal(a[e], p2[e])
 
 
+@pytest.mark.parametrize("variant,param_dtype", [("both", "float32"), ("both", "bfloat16"), ("both,lora", "float32")])
+def test_trained_weights_take_model_param_dtype_whatever_the_checkpoint_stores(variant, param_dtype):
+    """The released weights are stored in bf16; `model.param_dtype` (default float32) is what the trained weights
+    are kept and updated in (LoRA: the adapters), while frozen weights keep their stored dtype and Adam's moments
+    are float32 either way."""
+    import jax
+    import jax.numpy as jnp
+
+    from glm_jax.pipeline import GlmImageStack, Split
+    cfg = _cfg(f"configs/t2i.py:tiny,{variant}", [f"--config.model.param_dtype={param_dtype}"])
+    stack = GlmImageStack.tiny()
+    bf16 = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    for name in ("ar", "dit"):
+        part = getattr(stack, name)
+        setattr(stack, name, Split(part.graphdef, jax.tree.map(bf16, part.state)))
+    setup = train.build_train_state(cfg, stack, log=lambda m: None)
+
+    def dtypes(tree):
+        return {str(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+    lora = "lora" in variant
+    for part in ("ar", "dit"):
+        policy = getattr(setup.ts, part)
+        assert dtypes(policy.params) == {param_dtype}, part
+        assert dtypes(policy.opt_state) == {"float32"}, part
+        assert dtypes(policy.frozen) == ({"bfloat16"} if lora or part == "ar" else set()), part
+    if lora:
+        paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(setup.ts.dit.params)]
+        assert paths and all("lora" in p for p in paths)
+    assert dtypes(setup.refs["dit"]) == {param_dtype}      # the KL reference (LoRA: the adapters switched off)
+
+
 def test_resume_with_another_trained_state_is_one_line_and_names_the_change(dit_run, tmp_path, capsys):
     """A rerun whose config builds other arrays than the checkpoint (here: EMA off) stops before reading it, with
     one line naming the arrays and the changed field, and leaves the run's config.json as it was; a change that
