@@ -74,14 +74,14 @@ def base_config() -> ConfigDict:
         guidance=1.0,                           # CFG scale in rollout and training (1 = off)
         micro_steps=0,                          # trained steps of each sample per micro-batch (0 = all); with
                                                 # train.micro_batch it bounds the update's memory (1024²: 1 x 1)
-        clip_range=1e-4, adv_clip=5.0, beta=0.01,
+        clip_range=1e-4, adv_clip=5.0, beta=0.01,      # adv_clip: the DiT loss clips advantages to +-adv_clip
         lr=1e-5, warmup_steps=10, weight_decay=1e-4, grad_clip=1.0, b1=0.9, b2=0.999,
     ))
     c.reward = ConfigDict(dict(
         ar=ConfigDict({"lpips": 1.0}),          # weighted reward set for the AR policy
         dit=ConfigDict({"lpips": 1.0}),         # and for the DiT policy (never mixed in one z-score)
         options=ConfigDict(),                   # per-reward options, e.g. {"lpips": {"net": "vgg"}}
-        scale_rewards="group", aggregate="sum_then_normalize", adv_clip=5.0,
+        scale_rewards="group", aggregate="sum_then_normalize", adv_clip=5.0,   # clip of the computed advantages
     ))
     c.lora = ConfigDict(dict(enabled=False, rank=32, alpha=64.0,
                              targets="attention,mlp"))       # comma-separated: attention, mlp
@@ -275,9 +275,11 @@ def validate(c: ConfigDict) -> ConfigDict:
         _check(j % c.dit.micro_steps == 0, "dit.micro_steps",
                f"{c.dit.micro_steps} does not divide the {j} trained steps per sample")
     _check(c.dit.clip_range > 0, "dit.clip_range", "must be > 0")
+    _check(c.dit.adv_clip > 0, "dit.adv_clip", "must be > 0")
     _check(c.dit.guidance >= 1, "dit.guidance", "must be >= 1 (1 = no CFG)")
     _check(c.reward.scale_rewards in SCALES, "reward.scale_rewards", f"must be one of {SCALES}")
     _check(c.reward.aggregate in AGGREGATES, "reward.aggregate", f"must be one of {AGGREGATES}")
+    _check(c.reward.adv_clip > 0, "reward.adv_clip", "must be > 0")
     for part in ("ar", "dit"):
         if c.component in (part, "both"):
             _check(len(c.reward[part]) > 0, f"reward.{part}", f"component {c.component!r} needs at least one reward")

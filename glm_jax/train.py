@@ -330,7 +330,7 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
                 gather_trained=cfg.mesh.gather_trained))
         else:
             specs[part] = T.DitSpec(graphdef, tx, T.DitLossConfig(
-                clip_range=cfg.dit.clip_range, adv_clip=cfg.reward.adv_clip, beta=cfg.dit.beta,
+                clip_range=cfg.dit.clip_range, adv_clip=cfg.dit.adv_clip, beta=cfg.dit.beta,
                 kernel=cfg.dit.kernel, guidance=cfg.dit.guidance, micro_batch=cfg.train.micro_batch,
                 micro_steps=cfg.dit.micro_steps, gather_frozen=cfg.mesh.gather_frozen,
                 gather_trained=cfg.mesh.gather_trained))

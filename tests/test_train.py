@@ -166,6 +166,15 @@ def test_trained_weights_take_model_param_dtype_whatever_the_checkpoint_stores(v
     assert dtypes(setup.refs["dit"]) == {param_dtype}      # the KL reference (LoRA: the adapters switched off)
 
 
+def test_dit_adv_clip_sets_the_dit_loss_clip():
+    """`dit.adv_clip` is the DiT loss's own advantage clip (Flow-GRPO's), not `reward.adv_clip` (the clip of the
+    computed advantages of both policies)."""
+    from glm_jax.pipeline import GlmImageStack
+    cfg = _cfg("configs/t2i.py:tiny,dit", ["--config.dit.adv_clip=2.5", "--config.reward.adv_clip=4.0"])
+    setup = train.build_train_state(cfg, GlmImageStack.tiny(), log=lambda m: None)
+    assert setup.specs["dit"].loss.adv_clip == 2.5
+
+
 def test_resume_with_another_trained_state_is_one_line_and_names_the_change(dit_run, tmp_path, capsys):
     """A rerun whose config builds other arrays than the checkpoint (here: EMA off) stops before reading it, with
     one line naming the arrays and the changed field, and leaves the run's config.json as it was; a change that
@@ -328,6 +337,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_rerun_resumes(tmp_path, capsy
     ("--config.ema.every=0", "ema.every"),
     ("--config.log.eval_num_steps=0", "log.eval_num_steps"),
     ("--config.dit.micro_steps=3", "dit.micro_steps"),
+    ("--config.dit.adv_clip=0.0", "config.dit.adv_clip: must be > 0"),
+    ("--config.reward.adv_clip=0.0", "config.reward.adv_clip: must be > 0"),
     ("--config.mesh.fsdp=2", "config.mesh.fsdp=2: multi-device training is not available"),
     ("--config.data.path=data/t2i", "config.data.path (i2i data): data/t2i/prompts.txt:1: no source image"),
     ("--config.reward.dit={'lpipz': 1.0}", "config.reward: dit.lpipz: unknown reward 'lpipz'"),
