@@ -367,35 +367,32 @@ def test_bad_config_is_one_line(override, needle, tmp_path, capsys):
 def test_out_of_memory_is_one_line_naming_the_phase_and_what_reduces_memory(tmp_path, capsys, monkeypatch):
     import jax
 
-    def oom(cfg, workdir, **kw):
-        train.PHASE["now"] = "the DiT update of step 1"
-        raise jax.errors.JaxRuntimeError(
-            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 47.20GiB with allocator GPU_0_bfc on device "
-            "0. [tf-allocator-allocation-error=''] [executable_name='jit__lambda']")
-    monkeypatch.setattr(train, "train", oom)
-    assert train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w")]) == 3
+    def failing(message):
+        def run(cfg, workdir, **kw):
+            train.PHASE["now"] = "the DiT update of step 1"
+            raise jax.errors.JaxRuntimeError(message)
+        return run
+
+    def main_with(message):
+        monkeypatch.setattr(train, "train", failing(message))
+        return train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w")])
+
+    assert main_with("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 47.20GiB with allocator GPU_0_bfc on "
+                     "device 0. [tf-allocator-allocation-error=''] [executable_name='jit__lambda']") == 3
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: out of device memory in the DiT update of step 1: "
                                               "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 47.20GiB"), err
     assert "--config.model.remat=dots" in err and "--config.mesh.fsdp=-1" in err and "tf-allocator" not in err
     assert "XLA_PYTHON_CLIENT_ALLOCATOR=vmm" in err          # the default pool: the VMM allocator is named
 
-    def vmm_oom(cfg, workdir, **kw):
-        train.PHASE["now"] = "the DiT update of step 1"
-        raise jax.errors.JaxRuntimeError(
-            "RESOURCE_EXHAUSTED: Not enough PA budget: pa_allocated=90550829056B, allocation_size=49819942912B, "
-            "pa_budget=112582410240B [executable_name='jit__lambda']")
-    monkeypatch.setattr(train, "train", vmm_oom)
-    assert train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w")]) == 3
+    assert main_with("RESOURCE_EXHAUSTED: Not enough PA budget: pa_allocated=90550829056B, allocation_size="
+                     "49819942912B, pa_budget=112582410240B [executable_name='jit__lambda']") == 3
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Not enough PA budget" in err and "XLA_CLIENT_MEM_FRACTION" in err, err
     assert "XLA_PYTHON_CLIENT_ALLOCATOR=vmm" not in err                     # already that allocator
 
-    def other(cfg, workdir, **kw):
-        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
-    monkeypatch.setattr(train, "train", other)
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):     # not hidden behind a one-liner
-        train.main(["--config", "configs/t2i.py:tiny", "--workdir", str(tmp_path / "w")])
+        main_with("INTERNAL: something else")
 
 
 def test_i2i_needs_one_source_count_per_run(tmp_path, capsys):
