@@ -295,7 +295,7 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
         lora_cfg = LoraConfig.from_config(cfg.lora)
     sampling = SamplingParams(temperature=cfg.ar.temperature, top_k=cfg.ar.top_k or stack.n_codes,
                               top_p=cfg.ar.top_p)
-    param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.param_dtype]
+    param_dtype = jnp.dtype(cfg.model.param_dtype)
     specs, lr_fns, policies, refs, ema, loras, fwd, trained = {}, {}, {}, {}, {}, {}, {}, {}
     for k, part in enumerate(parts):
         opt_cfg = O.OptimConfig.from_config(cfg[part], cfg.train.steps)
@@ -309,9 +309,7 @@ def build_train_state(cfg, stack, *, log=print, mesh=None) -> TrainSetup:
             # full fine-tuning: the trained weights in `model.param_dtype` whatever dtype the checkpoint stores
             # (the released weights are bf16, whose values near 0.01 lie 6.1e-5 apart: an update of lr 1e-5
             # would round away); the frozen rest keeps the stored dtype
-            nnx.update(module, jax.tree.map(
-                lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != param_dtype
-                else x, nnx.state(module, base_filter)))
+            nnx.update(module, O.cast_floating(nnx.state(module, base_filter), param_dtype))
         else:
             from glm_jax.lora import add_lora, lora_trainable
             paths = add_lora(module, lora_cfg, rngs=nnx.Rngs(cfg.seed * 1000 + 17 + k), param_dtype=param_dtype)

@@ -58,12 +58,19 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
     return fn
 
 
+def cast_floating(tree, dtype):
+    """`tree` with its floating-point leaves in `dtype` (leaves already in it, and integer leaves, unchanged)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+                        else x, tree)
+
+
 def fp32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """`tx` run in float32: state initialised from float32 copies of the params, gradients and params cast to
     float32 before the update, updates cast back to each parameter's dtype."""
 
     def f32(tree):
-        return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+        return cast_floating(tree, jnp.float32)
 
     def init(params):
         return tx.init(f32(params))
