@@ -165,6 +165,43 @@ def test_dit_rollout_window_and_noise(dit_roll):
     np.testing.assert_array_equal(np.asarray(R.sde_step_mask(frac, jax.random.key(0))), [1, 1, 1, 1, 1, 0])
 
 
+def test_rollouts_sample_float32_weights_from_an_exact_bfloat16_copy(monkeypatch):
+    """With float32 weights and bfloat16 compute (`model.param_dtype=float32`, the default) the rollouts sample
+    from a copy of the layers' weights cast to bfloat16 once (`layers.cast_for_compute`; half the bytes to gather
+    and to read at every step), with the norms' weights left in float32: the tokens, log-probs, SDE states and
+    images equal, bit for bit, those of sampling from the float32 weights themselves."""
+    from glm_jax.models.layers import cast_for_compute
+    stack = GlmImageStack.tiny(0, dtype=jnp.bfloat16)
+    texts = TEXTS[:1]
+    prompts, glyph = make_prompts(stack, texts, LAYOUT), glyph_conditions(stack.t5, texts)
+    ar = cast_for_compute(stack.ar.merge())
+    assert ar.text.layers[0].mlp.down_proj.kernel.dtype == jnp.bfloat16
+    assert ar.lm_head.kernel.dtype == jnp.bfloat16 and ar.text.embed_tokens.embedding.dtype == jnp.bfloat16
+    assert ar.text.layers[0].input_layernorm.weight.dtype == jnp.float32       # RMSNorm: left as stored
+    assert ar.visual.blocks[0].norm1.weight.dtype == jnp.float32               # LayerNorm applies it in float32
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(cast_for_compute(stack.dit.merge())))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(stack.dit[1])} == {jnp.dtype(jnp.float32)}  # the stack's own weights untouched
+
+    def rollouts():
+        jax.clear_caches()
+        cfg = R.ArRolloutConfig(group_size=2, sampling=SAMPLING, decode_steps=3, decode_guidance=1.5)
+        ar_roll = R.ar_group_rollout(stack.ar, stack.dit, stack.vae, prompts, *glyph, jax.random.key(0), cfg,
+                                     stack.schedule(3, H, W), n_codes=stack.n_codes, eos_id=stack.eos_id,
+                                     height=H, width=W)
+        dcfg = R.DitRolloutConfig(group_size=2, num_steps=4, sde_window=2, guidance=1.5)
+        dit_roll = R.dit_group_rollout(stack.dit, stack.vae, R.first_of_groups(ar_roll.tokens, 2), LAYOUT, *glyph,
+                                       jax.random.key(1), dcfg, stack.schedule(4, H, W), height=H, width=W)
+        return [np.asarray(x) for x in (ar_roll.tokens, ar_roll.logprobs, ar_roll.images, dit_roll.x_next,
+                                        dit_roll.logprobs, dit_roll.images)]
+
+    copied = rollouts()
+    monkeypatch.setattr(R, "cast_for_compute", lambda model: model)
+    direct = rollouts()
+    assert copied[1].dtype == np.float32 and np.isfinite(copied[1]).all()
+    for a, b in zip(copied, direct, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # -------------------------------------------------------------------------------- rollout lp == trainer lp
 
 

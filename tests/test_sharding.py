@@ -538,9 +538,10 @@ def test_decode_weights_are_gathered_over_fsdp_only():
     np.testing.assert_array_equal(np.asarray(toks[0]), np.asarray(toks[1]))
 
 
-def gathered_outside_loops(shapes: set, fn) -> int:
+def gathered_outside_loops(shapes: set, fn, dtypes: set | None = None) -> int:
     """How many sharding constraints without `fsdp` the program of `fn()` applies, outside any loop, to arrays
-    of the given shapes (those of fsdp-split weights): the weights gathered once before a loop."""
+    of the given shapes (those of fsdp-split weights): the weights gathered once before a loop. `dtypes` (a set)
+    gets the dtypes of the arrays so gathered."""
     count = 0
 
     def walk(jaxpr):
@@ -549,6 +550,8 @@ def gathered_outside_loops(shapes: set, fn) -> int:
             if eqn.primitive.name == "sharding_constraint":
                 if tuple(eqn.invars[0].aval.shape) in shapes and "fsdp" not in str(eqn.params["sharding"].spec):
                     count += 1
+                    if dtypes is not None:
+                        dtypes.add(jnp.dtype(eqn.invars[0].aval.dtype))
             elif eqn.primitive.name not in ("while", "scan"):
                 for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                     walk(sub)
@@ -576,13 +579,15 @@ def split_constraints_in_loops(shapes: set, fn) -> int:
 @needs8
 def test_dit_sampling_loops_gather_the_weights_once():
     """The DiT's SDE rollout and ODE render under an fsdp mesh constrain every fsdp-split DiT weight to a sharding
-    without `fsdp` before their sampling loop (`gather=True`, `mesh.gather_dit`), and not with it off."""
+    without `fsdp` before their sampling loop (`gather=True`, `mesh.gather_dit`), and not with it off. With float32
+    weights and bfloat16 compute they gather the weights' bfloat16 copy (`layers.cast_for_compute`)."""
     from glm_jax.grpo import rollout as R
     from glm_jax.pipeline import GlmImageStack, ar_prompts_from_batch, glyph_conditions
     from glm_jax.tiny import tiny_checkpoint
     mesh = S.make_mesh(MESHES["data2_fsdp4"])
-    stack = GlmImageStack.load(tiny_checkpoint(seed=3), mesh=mesh)
+    stack = GlmImageStack.load(tiny_checkpoint(seed=3), mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     split = [x for x in jax.tree.leaves(stack.dit[1]) if "fsdp" in str(x.sharding.spec)]
+    assert {x.dtype for x in split} == {jnp.dtype(jnp.float32)}
     assert len(split) > 10
     split_shapes = {tuple(x.shape) for x in split}
     prompts = ["a red cat", 'the word "OK"']
@@ -597,10 +602,12 @@ def test_dit_sampling_loops_gather_the_weights_once():
         ode = partial(R.render_tokens, stack.dit, stack.vae, jnp.repeat(tokens, 2, axis=0), arp.layout,
                       jnp.repeat(glyph, 2, axis=0), None, jax.random.key(2), jnp.arange(4), stack.schedule(3, H, W),
                       height=H, width=W, guidance=1.0, gather=gather)
+        dtypes = set()
         with jax.set_mesh(mesh):
-            n_sde, n_ode = (gathered_outside_loops(split_shapes, f) for f in (sde, ode))
+            n_sde, n_ode = (gathered_outside_loops(split_shapes, f, dtypes) for f in (sde, ode))
         if gather:
             assert n_sde >= len(split) and n_ode >= len(split), (n_sde, n_ode, len(split))
+            assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
         else:
             assert n_sde == 0 and n_ode == 0, (n_sde, n_ode)
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glm_jax.models.layers import cast_for_compute
 from glm_jax.pipeline import (
     ArPrompts,
     as_schedule,
@@ -59,9 +60,15 @@ def _merge(graphdef, state):
 
 
 def _sampler(graphdef, state, gather: bool):
-    """The module of a sampling loop: its FSDP-split weights gathered once before the loop when `gather`
+    """The module of a sampling loop: the weights its layers use only in the compute dtype cast to it once
+    (`layers.cast_for_compute`: float32 trained weights, `model.param_dtype`, sample from a bfloat16 copy; the
+    outputs are the same bit for bit), then, when `gather`, its FSDP-split weights gathered once before the loop
     (`sharding.gather_weights`; the identity without a mesh)."""
-    return _merge(graphdef, gather_weights(state) if gather else state)
+    model = cast_for_compute(_merge(graphdef, state))
+    if not gather:
+        return model
+    gd, st = nnx.split(model)
+    return nnx.merge(gd, gather_weights(st))
 
 
 def _rows(tree: Any, b: int, axis: int = 0) -> Any:

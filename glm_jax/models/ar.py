@@ -195,6 +195,8 @@ def apply_rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax
 class Embed(nnx.Module):
     """Token embedding table `embedding [vocab, D]`; lookup in the parameter dtype, then cast to `dtype`."""
 
+    COMPUTE_CAST = ("embedding",)   # see layers.cast_for_compute
+
     def __init__(self, num: int, dim: int, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
                  rngs: nnx.Rngs):
         self.dtype = dtype

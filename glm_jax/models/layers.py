@@ -36,6 +36,8 @@ class Dense(nnx.Module):
     (`lora_a is None`) the layer is the plain matmul.
     """
 
+    COMPUTE_CAST = ("kernel", "bias", "lora_a", "lora_b")   # used only as `.astype(self.dtype)`: see cast_for_compute
+
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                  use_bias: bool = True, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
                  rngs: nnx.Rngs):
@@ -73,6 +75,8 @@ class Dense(nnx.Module):
 class Embedding(nnx.Module):
     """Lookup table `embedding [num, features]` (torch `nn.Embedding`), looked up in `dtype`."""
 
+    COMPUTE_CAST = ("embedding",)   # the lookup's result is cast to `dtype`, and a cast commutes with the lookup
+
     def __init__(self, num: int, features: int, *, axes: tuple[str | None, str | None], dtype: DType,
                  param_dtype: DType, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -80,6 +84,28 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+def cast_for_compute(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` (`nnx.clone`: new variables, the arrays shared) whose layers that use their weights only
+    in their compute dtype (`Dense`, `Embedding`, the AR's `Embed`: classes naming them in `COMPUTE_CAST`) hold
+    them cast to that dtype where it is narrower. Every output of the model is unchanged, bit for bit (each such
+    layer casts the weight as its first use); norms' scales and biases, which LayerNorm applies in float32, are
+    left as they are.
+
+    For the sampling loops of a model trained with float32 weights and bfloat16 compute (`model.param_dtype`):
+    inside the jitted rollout, before `sharding.gather_weights`, it halves the bytes the FSDP gather moves and the
+    gathered copy's memory, and the loop reads bfloat16 weights at every step instead of float32 ones it casts
+    again."""
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        dtype = getattr(module, "dtype", None)
+        for name in getattr(type(module), "COMPUTE_CAST", ()):
+            var = getattr(module, name, None)
+            if (isinstance(var, nnx.Variable) and dtype is not None and jnp.issubdtype(var.dtype, jnp.floating)
+                    and jnp.dtype(var.dtype).itemsize > jnp.dtype(dtype).itemsize):
+                var.set_value(var.get_value().astype(dtype))
+    return model
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
