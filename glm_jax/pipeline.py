@@ -36,6 +36,7 @@ from flax import nnx
 
 from glm_jax.config import ATTENTIONS
 from glm_jax.models import positions as P
+from glm_jax.models.layers import cast_for_compute
 from glm_jax.sampling import flow
 from glm_jax.sampling.ar_sampler import ArLayout
 from glm_jax.sampling.schedule import FlowSchedule, flow_schedule
@@ -329,7 +330,7 @@ def as_schedule(arrays) -> FlowSchedule:
 
 @partial(jax.jit, static_argnames=("dit_graphdef", "vae_graphdef", "guidance"))
 def _ode_decode_jit(dit_graphdef, dit_state, vae_graphdef, vae_state, x_T, cond, sched, *, guidance):
-    dit = nnx.merge(dit_graphdef, dit_state)
+    dit = cast_for_compute(nnx.merge(dit_graphdef, dit_state))
     vae = nnx.merge(vae_graphdef, vae_state)
     latents = flow.ode_sample(dit, x_T, cond, as_schedule(sched), guidance=guidance)
     return flow.decode_images(vae, latents), latents

@@ -171,6 +171,8 @@ def test_rollouts_sample_float32_weights_from_an_exact_bfloat16_copy(monkeypatch
     and to read at every step), with the norms' weights left in float32: the tokens, log-probs, SDE states and
     images equal, bit for bit, those of sampling from the float32 weights themselves."""
     from glm_jax.models.layers import cast_for_compute
+    from glm_jax.sampling import ar_sampler, flow
+    from glm_jax.sampling.ar_sampler import sample_ar
     stack = GlmImageStack.tiny(0, dtype=jnp.bfloat16)
     texts = TEXTS[:1]
     prompts, glyph = make_prompts(stack, texts, LAYOUT), glyph_conditions(stack.t5, texts)
@@ -191,11 +193,18 @@ def test_rollouts_sample_float32_weights_from_an_exact_bfloat16_copy(monkeypatch
         dcfg = R.DitRolloutConfig(group_size=2, num_steps=4, sde_window=2, guidance=1.5)
         dit_roll = R.dit_group_rollout(stack.dit, stack.vae, R.first_of_groups(ar_roll.tokens, 2), LAYOUT, *glyph,
                                        jax.random.key(1), dcfg, stack.schedule(4, H, W), height=H, width=W)
+        # the samplers outside the trainer (glm_jax.generate, the pipeline) make the same copy
+        inf = sample_ar(*stack.ar, *(jnp.asarray(a) for a in prompts.arrays()), jax.random.key(2), SAMPLING,
+                        n_codes=stack.n_codes, eos_id=stack.eos_id, layout=LAYOUT)
+        x_T = flow.initial_latents(jax.random.key(3), jnp.arange(1), flow.latent_shape(H, W))
+        cond = flow.make_cond(glyph[0], prior_ids(ar_roll.tokens[:1], LAYOUT), H, W)
+        ode = flow.ode_sample_jit(stack.dit.merge(), x_T, cond, stack.schedule(3, H, W))
         return [np.asarray(x) for x in (ar_roll.tokens, ar_roll.logprobs, ar_roll.images, dit_roll.x_next,
-                                        dit_roll.logprobs, dit_roll.images)]
+                                        dit_roll.logprobs, dit_roll.images, inf.tokens, inf.logprobs, ode)]
 
     copied = rollouts()
-    monkeypatch.setattr(R, "cast_for_compute", lambda model: model)
+    for module in (R, flow, ar_sampler):
+        monkeypatch.setattr(module, "cast_for_compute", lambda model: model)
     direct = rollouts()
     assert copied[1].dtype == np.float32 and np.isfinite(copied[1]).all()
     for a, b in zip(copied, direct, strict=True):

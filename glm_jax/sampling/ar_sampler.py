@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glm_jax.models.layers import cast_for_compute
+
 Grid = tuple[int, int]
 ProgressFn = Callable[[int, int], None]
 
@@ -310,7 +312,7 @@ def sample_tokens(model, input_ids_BL: jax.Array, attention_mask_BL: jax.Array, 
                                    "progress_every"))
 def _sample_jit(graphdef, state, input_ids, attention_mask, position_ids, decode_positions, keys, *, params,
                 n_codes, eos_id, cache_dtype, progress, progress_every):
-    model = nnx.merge(graphdef, state)
+    model = cast_for_compute(nnx.merge(graphdef, state))   # float32 weights: one bfloat16 copy, not a cast per token
     b, length = input_ids.shape
     cache = model.init_cache(b, length + decode_positions.shape[-1] - 2, cache_dtype)
     return sample_tokens(model, input_ids, attention_mask, position_ids, decode_positions, keys, cache, params,

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glm_jax.models.layers import cast_for_compute
 from glm_jax.sampling.schedule import REFERENCE_TIMESTEP, FlowSchedule
 
 KERNELS = ("sde", "cps")
@@ -427,7 +428,7 @@ def decode_images(vae, latents_BHWC: jax.Array, chunk: int = DECODE_CHUNK) -> ja
 
 @partial(jax.jit, static_argnums=(0,), static_argnames=("guidance",))
 def _ode_jit(graphdef, state, x_T, cond, sched_arrays, *, guidance):
-    dit = nnx.merge(graphdef, state)
+    dit = cast_for_compute(nnx.merge(graphdef, state))
     return ode_sample(dit, x_T, cond, FlowSchedule(*sched_arrays, mu=0.0), guidance=guidance)
 
 
@@ -444,7 +445,7 @@ def ode_sample_jit(dit, x_T, cond: FlowCond, sched: FlowSchedule, *, guidance: f
 @partial(jax.jit, static_argnums=(0,), static_argnames=("guidance", "kernel", "num_sde_steps"))
 def _sde_jit(graphdef, state, x_T, cond, sched_arrays, noise_root, sample_ids, noise_level, sde_mask, *,
              guidance, kernel, num_sde_steps):
-    dit = nnx.merge(graphdef, state)
+    dit = cast_for_compute(nnx.merge(graphdef, state))
     return sde_sample(dit, x_T, cond, FlowSchedule(*sched_arrays, mu=0.0), noise_root, sample_ids,
                       guidance=guidance, noise_level=noise_level, kernel=kernel, sde_mask=sde_mask,
                       num_sde_steps=num_sde_steps)
