@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--variants", default="sort,sort16", help="comma-separated: " + ", ".join(VARIANTS))
+    ap.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="dtype of the trained weights (the trainer's `model.param_dtype`); compute stays bf16")
     ap.add_argument("--hlo-count", default="", help="log how often this word occurs in each variant's optimised HLO")
     ap.add_argument("--hlo", action="store_true", help="write each variant's optimised HLO (gzip) to $OUT")
     ap.add_argument("--profile", action="store_true", help="also a kernel trace of one step of the first variant, "
@@ -80,8 +82,8 @@ def main():
     seq = p.input_ids.shape[1] + n - 2
     flops = ar_flops(cfg, seq, a.batch)
     res = {"device": device_info(), "layers": cfg.text.num_layers, "batch": a.batch, "micro": a.micro,
-           "tokens_per_seq": seq, "tflop": flops / 1e12}
-    model = random_module(lambda: GlmImageAR(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+           "tokens_per_seq": seq, "tflop": flops / 1e12, "param_dtype": a.param_dtype}
+    model = random_module(lambda: GlmImageAR(cfg, dtype=jnp.bfloat16, param_dtype=jnp.dtype(a.param_dtype),
                                              rngs=nnx.Rngs(0), implementation="cudnn" if not SMOKE else None))
     tx = O.make_optimizer(O.OptimConfig(lr=1e-6, grad_clip=1.0))
     graphdef, pol = T.init_policy(model, tx, T.ar_trainable, copy=False)

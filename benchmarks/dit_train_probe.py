@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--tag", default="default")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="dtype of the weights (the trainer's `model.param_dtype`); compute stays bf16")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--hlo", action="store_true", help="write the optimised HLO (gzip) to $OUT, to name fusions")
     ap.add_argument("--variants", default="",
@@ -75,14 +77,15 @@ def main():
     cfg = DiTConfig.from_hf(conf)
     on_gpu = jax.default_backend() == "gpu"
     attention = "cudnn" if on_gpu and a.attention == "" else None
-    res = {"device": device_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": a.tag, "remat": a.remat}
+    res = {"device": device_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": a.tag, "remat": a.remat,
+           "param_dtype": a.param_dtype}
     t_glyph = a.glyph if a.glyph is not None else T_GLYPH
     res["glyph_tokens"] = t_glyph
     flops = 3 * dit_flops(cfg, (H // 16) * (W // 16), t_glyph, 0)
     res["tflop"] = flops / 1e12
     t0 = time.time()
-    model = random_module(lambda: GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attention,
-                                              remat=a.remat, rngs=nnx.Rngs(0)))
+    model = random_module(lambda: GlmImageDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.dtype(a.param_dtype),
+                                              attention=attention, remat=a.remat, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     log(f"random weights in {time.time() - t0:.0f}s")
     rng = np.random.default_rng(0)
