@@ -45,7 +45,7 @@ train: venv sysdeps
 	$(PY) -m glm_jax.train --config configs/t2i.py:tiny --workdir runs/tiny
 
 test: venv sysdeps
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 tests
 
 lint: venv
 	$(VENV)/bin/ruff check glm_jax conversion configs tests benchmarks

@@ -166,47 +166,39 @@ def test_dit_rollout_window_and_noise(dit_roll):
 
 
 def test_rollouts_sample_float32_weights_from_an_exact_bfloat16_copy(monkeypatch):
-    """With float32 weights and bfloat16 compute (`model.param_dtype=float32`, the default) the rollouts sample
-    from a copy of the layers' weights cast to bfloat16 once (`layers.cast_for_compute`; half the bytes to gather
-    and to read at every step), with the norms' weights left in float32: the tokens, log-probs, SDE states and
-    images equal, bit for bit, those of sampling from the float32 weights themselves."""
+    """With float32 weights and bfloat16 compute (`model.param_dtype=float32`, the default) the samplers work from
+    a copy of the layers' weights cast to bfloat16 once (`layers.cast_for_compute`; half the bytes to gather and
+    to read at every step), with the norms' weights left in float32: the AR rollout's tokens and log-probs and
+    the DiT ODE's latents equal, bit for bit, those of sampling from the float32 weights themselves (the DiT's SDE
+    rollout and render share the rollout's `_sampler` with the AR; under a mesh, tests/test_sharding.py checks that
+    they gather the bfloat16 copy)."""
     from glm_jax.models.layers import cast_for_compute
-    from glm_jax.sampling import ar_sampler, flow
-    from glm_jax.sampling.ar_sampler import sample_ar
+    from glm_jax.sampling import flow
     stack = GlmImageStack.tiny(0, dtype=jnp.bfloat16)
-    texts = TEXTS[:1]
-    prompts, glyph = make_prompts(stack, texts, LAYOUT), glyph_conditions(stack.t5, texts)
     ar = cast_for_compute(stack.ar.merge())
     assert ar.text.layers[0].mlp.down_proj.kernel.dtype == jnp.bfloat16
     assert ar.lm_head.kernel.dtype == jnp.bfloat16 and ar.text.embed_tokens.embedding.dtype == jnp.bfloat16
     assert ar.text.layers[0].input_layernorm.weight.dtype == jnp.float32       # RMSNorm: left as stored
     assert ar.visual.blocks[0].norm1.weight.dtype == jnp.float32               # LayerNorm applies it in float32
     assert {x.dtype for x in jax.tree.leaves(nnx.state(cast_for_compute(stack.dit.merge())))} == {jnp.dtype(jnp.bfloat16)}
-    assert {x.dtype for x in jax.tree.leaves(stack.dit[1])} == {jnp.dtype(jnp.float32)}  # the stack's own weights untouched
+    assert {x.dtype for x in jax.tree.leaves(stack.dit[1])} == {jnp.dtype(jnp.float32)}  # the stack's own untouched
+    prompts = make_prompts(stack, TEXTS[:1], LAYOUT).repeat(2)
+    glyph, _ = glyph_conditions(stack.t5, TEXTS[:1])
 
-    def rollouts():
+    def sample():
         jax.clear_caches()
-        cfg = R.ArRolloutConfig(group_size=2, sampling=SAMPLING, decode_steps=3, decode_guidance=1.5)
-        ar_roll = R.ar_group_rollout(stack.ar, stack.dit, stack.vae, prompts, *glyph, jax.random.key(0), cfg,
-                                     stack.schedule(3, H, W), n_codes=stack.n_codes, eos_id=stack.eos_id,
-                                     height=H, width=W)
-        dcfg = R.DitRolloutConfig(group_size=2, num_steps=4, sde_window=2, guidance=1.5)
-        dit_roll = R.dit_group_rollout(stack.dit, stack.vae, R.first_of_groups(ar_roll.tokens, 2), LAYOUT, *glyph,
-                                       jax.random.key(1), dcfg, stack.schedule(4, H, W), height=H, width=W)
-        # the samplers outside the trainer (glm_jax.generate, the pipeline) make the same copy
-        inf = sample_ar(*stack.ar, *(jnp.asarray(a) for a in prompts.arrays()), jax.random.key(2), SAMPLING,
-                        n_codes=stack.n_codes, eos_id=stack.eos_id, layout=LAYOUT)
-        x_T = flow.initial_latents(jax.random.key(3), jnp.arange(1), flow.latent_shape(H, W))
-        cond = flow.make_cond(glyph[0], prior_ids(ar_roll.tokens[:1], LAYOUT), H, W)
-        ode = flow.ode_sample_jit(stack.dit.merge(), x_T, cond, stack.schedule(3, H, W))
-        return [np.asarray(x) for x in (ar_roll.tokens, ar_roll.logprobs, ar_roll.images, dit_roll.x_next,
-                                        dit_roll.logprobs, dit_roll.images, inf.tokens, inf.logprobs, ode)]
+        tokens, lps = R.sample_group_tokens(stack.ar, prompts, jax.random.key(0), jnp.arange(2), SAMPLING,
+                                            n_codes=stack.n_codes, eos_id=stack.eos_id)
+        x_T = flow.initial_latents(jax.random.key(3), jnp.arange(2), flow.latent_shape(H, W))
+        cond = flow.make_cond(jnp.repeat(glyph, 2, axis=0), prior_ids(tokens, LAYOUT), H, W)
+        ode = flow.ode_sample_jit(stack.dit.merge(), x_T, cond, stack.schedule(2, H, W))
+        return [np.asarray(x) for x in (tokens, lps, ode)]
 
-    copied = rollouts()
-    for module in (R, flow, ar_sampler):
+    copied = sample()
+    for module in (R, flow):
         monkeypatch.setattr(module, "cast_for_compute", lambda model: model)
-    direct = rollouts()
-    assert copied[1].dtype == np.float32 and np.isfinite(copied[1]).all()
+    direct = sample()
+    assert copied[1].dtype == np.float32 and np.isfinite(copied[1]).all() and np.isfinite(copied[2]).all()
     for a, b in zip(copied, direct, strict=True):
         np.testing.assert_array_equal(a, b)
 
