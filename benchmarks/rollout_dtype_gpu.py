@@ -60,20 +60,13 @@ def peak_gib() -> float | None:
         return None
 
 
-def variant_weights(name: str, state32):
-    """The state a variant samples from, and the `cast_for_compute` the rollout module uses for it."""
-    if name == "bf16":
-        return cast_floating(state32, jnp.bfloat16), R.cast_for_compute
-    return state32, (R.cast_for_compute if name == "fp32" else (lambda model: model))
-
-
 def run(res: dict, part: str, call, state32, iters: int) -> None:
     """Times `call(state)` for every variant (compile call first, then `iters` calls)."""
     original = R.cast_for_compute
     try:
         for name in VARIANTS:
-            state, cast = variant_weights(name, state32)
-            R.cast_for_compute = cast
+            state = cast_floating(state32, jnp.bfloat16) if name == "bf16" else state32
+            R.cast_for_compute = (lambda model: model) if name == "fp32_direct" else original
             jax.clear_caches()
             t0 = time.perf_counter()
             first = call(state)

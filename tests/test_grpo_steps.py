@@ -171,9 +171,12 @@ def test_rollouts_sample_float32_weights_from_an_exact_bfloat16_copy(monkeypatch
     to read at every step), with the norms' weights left in float32: the AR rollout's tokens and log-probs and
     the DiT ODE's latents equal, bit for bit, those of sampling from the float32 weights themselves (the DiT's SDE
     rollout and render share the rollout's `_sampler` with the AR; under a mesh, tests/test_sharding.py checks that
-    they gather the bfloat16 copy)."""
+    they gather the bfloat16 copy); and every sampling loop, the trainer's and the inference ones, reads only
+    bfloat16 weight matrices (their traced programs)."""
     from glm_jax.models.layers import cast_for_compute
-    from glm_jax.sampling import flow
+    from glm_jax.pipeline import sched_arrays
+    from glm_jax.sampling import ar_sampler, flow
+    from glm_jax.sampling.ar_sampler import sample_ar
     stack = GlmImageStack.tiny(0, dtype=jnp.bfloat16)
     ar = cast_for_compute(stack.ar.merge())
     assert ar.text.layers[0].mlp.down_proj.kernel.dtype == jnp.bfloat16
@@ -194,13 +197,49 @@ def test_rollouts_sample_float32_weights_from_an_exact_bfloat16_copy(monkeypatch
         ode = flow.ode_sample_jit(stack.dit.merge(), x_T, cond, stack.schedule(2, H, W))
         return [np.asarray(x) for x in (tokens, lps, ode)]
 
+    x_T = flow.initial_latents(jax.random.key(3), jnp.arange(2), flow.latent_shape(H, W))
+    cond = flow.make_cond(jnp.repeat(glyph, 2, axis=0), prior_ids(jnp.zeros((2, LAYOUT.n_tokens), jnp.int32), LAYOUT),
+                          H, W)
+    samplers = {   # every sampling loop over a trained model, traced only
+        "rollout AR": lambda: R.sample_group_tokens(stack.ar, prompts, jax.random.key(0), jnp.arange(2), SAMPLING,
+                                                    n_codes=stack.n_codes, eos_id=stack.eos_id),
+        "rollout DiT SDE": lambda: R._sde_jit(*stack.dit, x_T, cond, sched_arrays(stack.schedule(2, H, W)),
+                                              jax.random.key(1), jnp.arange(2), 0.7, jnp.ones(2, bool),
+                                              guidance=1.0, kernel="sde", num_sde=2),
+        "sample_ar": lambda: sample_ar(*stack.ar, *(jnp.asarray(a) for a in prompts.arrays()), jax.random.key(2),
+                                       SAMPLING, n_codes=stack.n_codes, eos_id=stack.eos_id, layout=LAYOUT),
+        "ode_sample_jit": lambda: flow.ode_sample_jit(stack.dit.merge(), x_T, cond, stack.schedule(2, H, W)),
+        "sde_sample_jit": lambda: flow.sde_sample_jit(stack.dit.merge(), x_T, cond, stack.schedule(2, H, W),
+                                                      jax.random.key(1), jnp.arange(2)),
+    }
+    for name, fn in samplers.items():
+        assert loop_weight_dtypes(stack, fn) == {jnp.dtype(jnp.bfloat16)}, name
+
     copied = sample()
-    for module in (R, flow):
+    for module in (R, flow, ar_sampler):
         monkeypatch.setattr(module, "cast_for_compute", lambda model: model)
     direct = sample()
     assert copied[1].dtype == np.float32 and np.isfinite(copied[1]).all() and np.isfinite(copied[2]).all()
     for a, b in zip(copied, direct, strict=True):
         np.testing.assert_array_equal(a, b)
+    assert jnp.dtype(jnp.float32) in loop_weight_dtypes(stack, samplers["sample_ar"])   # the check can fail
+
+
+def loop_weight_dtypes(stack, fn) -> set:
+    """The dtypes of the arrays with the shape of an AR or DiT weight matrix that enter a loop (`scan`, `while`)
+    in the program of `fn()`: the weights a sampling loop reads at every step."""
+    shapes = {tuple(x.shape) for x in jax.tree.leaves((stack.ar[1], stack.dit[1])) if x.ndim >= 2}
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("scan", "while"):
+                found.update(jnp.dtype(v.aval.dtype) for v in eqn.invars
+                             if hasattr(v.aval, "shape") and tuple(v.aval.shape) in shapes)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jax.make_jaxpr(fn)().jaxpr)
+    return found
 
 
 # -------------------------------------------------------------------------------- rollout lp == trainer lp
