@@ -19,13 +19,14 @@ import pytest
 
 from glm_jax import distributed, launch
 from glm_jax.grpo import train_step as T
-from tests.util import CPU_XLA_FLAGS
+from tests.util import CACHE_VARS, CPU_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "XLA_FLAGS"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_", "SLURM_", "XLA_FLAGS")) or k in CACHE_VARS}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_XLA_FLAGS, PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
@@ -75,29 +76,6 @@ def test_two_processes_train_checkpoint_resume_and_load_their_slices(tmp_path):
     assert all(len(h) == 1 and h[0][1] * 2 == sd[k].nbytes for h in halves) and halves[0] != halves[1]
 
 
-def test_two_process_training_run_evaluates_every_process_rows(tmp_path):
-    """`glm_jax.launch --nproc 2` runs the trainer CLI to the end; the evaluation grid holds every process's
-    prompts (2 eval prompts per batch, one per process): both targets, in data order, and both generated images."""
-    from PIL import Image
-    work = tmp_path / "run"
-    cmd = [sys.executable, "-m", "glm_jax.launch", "--nproc", "2", "--", "--config", "configs/t2i.py:tiny",
-           "--workdir", str(work), "--config.train.steps=1", "--config.dit.num_steps=4", "--config.dit.group_size=2",
-           "--config.log.images_every=0", "--config.log.eval_num_steps=2", "--config.log.eval_every=0"]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    assert "eval at step 1: dit/reward/total_mean=" in proc.stderr
-    grid = np.asarray(Image.open(work / "eval" / "step_1.png"))
-    cell, pad = 128, 2                                    # 64x64 images upscaled x2; see monitor.image_grid
-    assert grid.shape[1] == 2 * (cell + pad) + pad        # two columns: process 0's prompt and process 1's
-    for i in range(2):
-        x = pad + i * (cell + pad)
-        target = np.asarray(Image.open(os.path.join(ROOT, "data", "t2i", "eval_target_images", f"{i}.png"))
-                            .convert("RGB").resize((cell, cell), Image.NEAREST))
-        np.testing.assert_array_equal(grid[pad:pad + cell, x:x + cell], target)
-    images_row = grid[grid.shape[0] // 2:]                # the generated images, under the targets
-    assert all(images_row[:, pad + i * (cell + pad):pad + i * (cell + pad) + cell].std() > 5 for i in range(2))
-
-
 # ---------------------------------------------------------------------------------------- env and launcher
 
 
@@ -139,6 +117,8 @@ def test_launcher_env_gpus_and_fail_fast(tmp_path):
     assert code == 3 and time.monotonic() - t < 20
     assert launch.main(["--nproc", "2", "--no-python", "--", sys.executable, "-c",
                         "import os; assert os.environ['JAX_NUM_PROCESSES'] == '2'"]) == 0
+    # without --no-python each process runs `python -m glm_jax.train` with the arguments after --
+    assert launch.main(["--nproc", "2", "--", "--help"]) == 0
 
 
 def test_launcher_forwards_sigterm_to_every_process(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 
 from glm_jax import train
 from glm_jax.config import ConfigError, apply_overrides, load_config, validate
+from tests.util import CACHE_VARS
 
 # tiny shapes; eval renders with the same ODE (steps, guidance) as the AR reward render so both share one compile
 FAST = ["--config.train.steps=2", "--config.ar.decode_steps=2", "--config.dit.num_steps=4",
@@ -440,8 +441,8 @@ def test_compile_cache_is_written_and_reused_by_a_new_process(tmp_path):
         print("HITS", len(hits))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}     # only the run's own cache
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
     outs = []
     for name in ("first", "second"):
         p = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], cwd=root, env=env,

@@ -8,6 +8,9 @@ import numpy as np
 # outweighs their slower execution (test_train.py 296 -> 222 s, test_grpo_steps.py 359 -> 306 s on 2 cores).
 # Set for the test processes by conftest.py; subprocesses that set their own XLA_FLAGS add it.
 CPU_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# the persistent compilation cache that conftest.py sets for the run, kept by subprocesses that clear JAX's
+# other environment variables
+CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 
 def torch_to_numpy_state(model) -> dict[str, np.ndarray]:
