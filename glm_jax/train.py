@@ -674,6 +674,40 @@ def make_train_mesh(cfg, log=print):
     return mesh
 
 
+class CompileCacheStats:
+    """Counts what JAX's persistent compilation cache does between `start()` and `stop()`: programs loaded from
+    it (and the compile time they saved) and programs compiled and stored in it."""
+
+    def __init__(self):
+        self.loaded = self.stored = 0
+        self.saved_s = 0.0
+
+    def _event(self, name, **_kw):
+        if name == "/jax/compilation_cache/cache_hits":
+            self.loaded += 1
+        elif name == "/jax/compilation_cache/cache_misses":      # recorded when a compiled program is written
+            self.stored += 1
+
+    def _duration(self, name, secs, **_kw):
+        if name == "/jax/compilation_cache/compile_time_saved_sec":
+            self.saved_s += secs
+
+    def start(self) -> CompileCacheStats:
+        import jax
+        jax.monitoring.register_event_listener(self._event)
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        return self
+
+    def stop(self) -> None:
+        import jax
+        jax.monitoring.unregister_event_listener(self._event)
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+
+    def summary(self) -> str:
+        return (f"compilation cache: {self.loaded} programs loaded ({self.saved_s:.1f} s of compiling saved), "
+                f"{self.stored} compiled and stored")
+
+
 def use_compile_cache(path: str, log=print) -> None:
     """Turns on JAX's persistent compilation cache in `path` (`train.compile_cache`): every step that took more
     than a second to compile is stored, and a rerun, a resume or another run with the same shapes loads it. Set
@@ -856,6 +890,7 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             if history:
                 history[-1].update(m)
 
+    cache_stats = CompileCacheStats().start() if cfg.train.compile_cache else None
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t_iter = time.perf_counter()
@@ -962,6 +997,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             metrics["time/iteration_s"] = dt
             metrics["throughput/images_per_s"] = n_images / dt
             history.append(metrics)
+            if len(history) == 1 and cache_stats is not None:     # every step's programs have compiled by now
+                log(cache_stats.summary())
             if cfg.log.every and step % cfg.log.every == 0:
                 monitor.scalars(step, metrics)
                 monitor.summary(step, metrics, [k for k in ("ar/reward/total_mean", "dit/reward/total_mean",
@@ -981,6 +1018,8 @@ def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dic
             if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or last:
                 run_eval(step)
     finally:
+        if cache_stats is not None:
+            cache_stats.stop()
         ckpt.close()
         monitor.close()
         stop.restore_handlers()
