@@ -13,11 +13,12 @@ if os.environ["JAX_PLATFORMS"] == "cpu" and "--xla_backend_optimization_level" n
 # start (they inherit the environment): many tests compile the same tiny programs (a trainer run and its resume,
 # the CLI modes, the sharded runs' one-device reference). Programs that took over 0.2 s to compile are stored.
 # test_train.py + test_generate.py on 2 cores: 357 s without, 305 s with. Set JAX_COMPILATION_CACHE_DIR to
-# choose the directory (an empty value turns it off).
+# choose the directory (an empty value turns it off). The process that creates it (pytest itself, whose xdist
+# workers inherit its environment) removes it at the end.
+OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"glm_jax-tests-xla-{run}")
+    OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="glm_jax-tests-xla-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax
@@ -34,3 +35,9 @@ LONGEST_FIRST = ("test_train.py", "test_grpo_steps.py", "test_sharding.py", "tes
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))   # stable: keeps order
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if OWN_CACHE is not None:
+        import shutil
+        shutil.rmtree(OWN_CACHE, ignore_errors=True)
