@@ -212,14 +212,39 @@ def write_tiny_processor(directory: str) -> None:
                    "size": {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}}, f, indent=2)
 
 
-def tiny_checkpoint(cache_dir: str | None = None, seed: int = 0) -> str:
-    """The embedded default checkpoint, written once to a cache folder keyed by a hash of the tiny configs and
-    the seed (`$GLM_JAX_CACHE`, default `~/.cache/glm_jax`), and reused afterwards."""
+def builder_files() -> list[str]:
+    """The source files whose code decides the embedded checkpoint's contents: this module, the checkpoint
+    format and component registry, and the models (their parameter initialisers)."""
+    import glob
+    import os
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.join(pkg, f) for f in ("tiny.py", "checkpoint.py", "components.py")] + \
+        sorted(glob.glob(os.path.join(pkg, "models", "*.py")))
+
+
+def tiny_cache_key(seed: int, files: list[str] | None = None) -> str:
+    """The embedded checkpoint's cache key: a hash of the tiny configs, the seed, the JAX and Flax versions and
+    the builder's source (`builder_files`), so that a checkpoint written by another version is never reused."""
     import hashlib
     import json
+
+    import flax
+    import jax
+    h = hashlib.sha256(json.dumps({k: f() for k, f in TINY_CONFIGS.items()} | {"seed": seed, "v": 2},
+                                  sort_keys=True).encode())
+    h.update(f"jax {jax.__version__} flax {flax.__version__}".encode())
+    for path in builder_files() if files is None else files:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def tiny_checkpoint(cache_dir: str | None = None, seed: int = 0) -> str:
+    """The embedded default checkpoint, written once to a cache folder keyed by `tiny_cache_key` (the tiny
+    configs, the seed and the code that builds it) in `$GLM_JAX_CACHE` (default `~/.cache/glm_jax`), and reused
+    afterwards."""
     import os
-    blob = json.dumps({k: f() for k, f in TINY_CONFIGS.items()} | {"seed": seed, "v": 1}, sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    digest = tiny_cache_key(seed)
     root = cache_dir or os.environ.get("GLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                           "glm_jax")
     path = os.path.join(root, f"tiny-{digest}")

@@ -133,3 +133,24 @@ def test_truncated_dit_leaves_no_output(dirs, tmp_path):
         from_torch.convert(str(src), str(tmp_path / "dst"), log=lambda *_: None)
     assert not (tmp_path / "dst").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith("dst.")]
+
+
+def test_embedded_checkpoint_cache_is_keyed_by_the_code_that_builds_it(tmp_path):
+    """`tiny_checkpoint` reuses a cached embedded checkpoint only when the code that builds it (and the seed) is
+    the same: a changed initialiser in any model file gives another key, so a stale copy is never loaded."""
+    from glm_jax.tiny import builder_files, tiny_cache_key, tiny_checkpoint
+    files = builder_files()
+    assert any(f.endswith(os.path.join("models", "dit.py")) for f in files)
+    copies = []
+    for i, f in enumerate(files):
+        copies.append(str(tmp_path / f"{i}.py"))
+        shutil.copy(f, copies[-1])
+    key = tiny_cache_key(0)
+    assert tiny_cache_key(0, copies) == key and tiny_cache_key(1) != key
+    with open(copies[-1], "a") as f:
+        f.write("\n# an edit\n")
+    assert tiny_cache_key(0, copies) != key
+    cache = tmp_path / "cache"
+    (cache / f"tiny-{key}").mkdir(parents=True)
+    (cache / f"tiny-{key}" / "glm_jax.json").write_text("{}")
+    assert tiny_checkpoint(str(cache)) == str(cache / f"tiny-{key}")       # found under its key, not rebuilt
