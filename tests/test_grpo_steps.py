@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, score_tokens
 from glm_jax.sampling.flow import step_logprob
 from glm_jax.sampling.schedule import FlowSchedule
 from glm_jax.tiny import tiny_tokenizer
+from tests.util import pytest_in_subprocess
 
 H = W = 64
 LAYOUT = ArLayout.t2i(H, W)           # preview 16x16, target 2x2: N = 261
@@ -406,7 +405,8 @@ def test_both_step_updates_each_policy_with_its_own_optimizer(stack, ar_roll, di
 # ------------------------------------------------------------------------------------------------ learning
 
 # The learning curves run 45 and 2 x 40 steps of small programs, which XLA's optimised CPU code runs faster than the
-# compile-time setting of the other tests (util.CPU_XLA_FLAGS) does: both tests 141 s -> 90 s, alone on 2 cores.
+# compile-time setting of the other tests (util.CPU_XLA_FLAGS) does: both tests 141 s -> 90 s in-process, alone
+# on 2 cores (98 s with this subprocess).
 # `test_learning_curves` runs them in a subprocess with these flags; elsewhere they are skipped.
 LEARN_FLAGS = "--xla_backend_optimization_level=2"
 IN_LEARN_PROCESS = LEARN_FLAGS in os.environ.get("XLA_FLAGS", "")
@@ -417,14 +417,9 @@ def test_learning_curves():
     """The `learning` tests below, in a subprocess with XLA's optimised CPU code (their output is printed)."""
     if IN_LEARN_PROCESS:
         pytest.skip("this process runs the learning tests themselves")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS=LEARN_FLAGS, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-o", "addopts=", "-p", "no:cacheprovider",
-                           "-W", "ignore::DeprecationWarning", "-k", "learns", __file__], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    print(proc.stdout[-3000:])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert re.search(r"\b2 passed", proc.stdout) and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    out = pytest_in_subprocess(__file__, LEARN_FLAGS, "-q", "-s", "-k", "learns", timeout=900)
+    print(out[-3000:])
+    assert re.search(r"\b2 passed", out) and "skipped" not in out, out[-2000:]
 
 
 def colour_reward(images, target=(0.9, 0.2, 0.1)) -> np.ndarray:

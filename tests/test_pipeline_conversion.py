@@ -137,7 +137,8 @@ def test_truncated_dit_leaves_no_output(dirs, tmp_path):
 
 def test_embedded_checkpoint_cache_is_keyed_by_the_code_that_builds_it(tmp_path):
     """`tiny_checkpoint` reuses a cached embedded checkpoint only when the code that builds it (and the seed) is
-    the same: a changed initialiser in any model file gives another key, so a stale copy is never loaded."""
+    the same: an edit to one of the builder's files (or another seed) gives another key, so a stale copy is never
+    loaded."""
     from glm_jax.tiny import builder_files, tiny_cache_key, tiny_checkpoint
     files = builder_files()
     assert any(f.endswith(os.path.join("models", "dit.py")) for f in files)

@@ -15,8 +15,6 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 from functools import partial
 
 import jax
@@ -35,7 +33,7 @@ from glm_jax.sampling.ar_sampler import ArLayout
 from glm_jax.sampling.flow import make_cond
 from glm_jax.sampling.schedule import flow_schedule
 from glm_jax.tiny import scheduler_config, tiny_ar_config, tiny_dit_config, tiny_tokenizer
-from tests.util import CPU_XLA_FLAGS
+from tests.util import CPU_XLA_FLAGS, pytest_in_subprocess
 
 P = PartitionSpec
 N_DEV = 8
@@ -57,15 +55,9 @@ def test_suite_on_8_cpu_devices():
     """Runs this file in a subprocess with 8 simulated CPU devices (when this process has fewer)."""
     if HAVE_8:
         pytest.skip("this process already has 8 devices")
-    flags = f"--xla_force_host_platform_device_count={N_DEV} {CPU_XLA_FLAGS}"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-o", "addopts=", "-p", "no:cacheprovider",
-                           "-W", "ignore::DeprecationWarning", __file__],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 14 and "failed" not in proc.stdout, proc.stdout[-2000:]
+    out = pytest_in_subprocess(__file__, f"--xla_force_host_platform_device_count={N_DEV} {CPU_XLA_FLAGS}", "-x")
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= 14 and "failed" not in out, out[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------ helpers

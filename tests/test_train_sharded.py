@@ -123,15 +123,8 @@ def _chunks(meta_tree) -> int:
 
 
 def _params(work, step: int) -> np.ndarray:
-    """The trained params of `work`'s checkpoint at `step`, flattened in path order (read as host arrays by the
-    exporter's reader, whatever mesh saved them)."""
-    import jax
-
-    from glm_jax.export import read_state, state_path
-    _, path = state_path(str(work), step)
-    tree = read_state(path, [("dit", "params")])["dit"]["params"]
-    leaves = sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda kv: jax.tree_util.keystr(kv[0]))
-    return np.concatenate([np.asarray(v, np.float64).ravel() for _, v in leaves])
+    """The trained params of `work`'s checkpoint at `step`, flattened in name order."""
+    return _vec(_group(_restore(work, step), "dit.params."))
 
 
 # Tolerance on the trained params against the one-device run. The rollouts agree to ~1e-7, but the reward images

@@ -13,6 +13,22 @@ CPU_XLA_FLAGS = "--xla_backend_optimization_level=0"
 CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 
+def pytest_in_subprocess(path: str, xla_flags: str, *args: str, timeout: int = 600) -> str:
+    """Runs the tests of `path` (narrowed by pytest `args`) in a CPU subprocess with `xla_flags` as XLA_FLAGS
+    (settings a process fixes at start: simulated devices, the optimisation level); asserts that it passed and
+    returns its output."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider",
+                           "-W", "ignore::DeprecationWarning", *args, path], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 def torch_to_numpy_state(model) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
