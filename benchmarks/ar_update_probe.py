@@ -4,6 +4,8 @@ compiled in one process and timed round-robin (JAX only, random bf16 weights):
 * `sort16` (the default code): the processed policy's kept set sorts the head's bf16 logits, the MLP's gated
   activation has its hand-written backward pass (`ar_ops.gated_activation`, one `[gate; up]` gradient array);
 * `sort`: the kept set sorts the fp32 masked-temperature logits instead;
+* `resort`: the re-scoring's remat does not save the kept set's bounds (`ar_sampler.KEPT_BOUNDS`), so its
+  backward pass sorts every chunk's logits again, as before the bounds were saved;
 * `mlp_autodiff`: the MLP's `up * act(gate)` differentiated by JAX (`GLM_JAX_AR_KERNELS=0`; the split's
   transpose: a concatenation).
 
@@ -46,6 +48,7 @@ VARIANTS = {   # name: ([(object, attribute, replacement)], {environment variabl
     "sort16": ([], {}),
     "sort": ([(S, "kept_mask", lambda z, params, order=None: _KEPT(z, params))], {}),
     "mlp_autodiff": ([], {"GLM_JAX_AR_KERNELS": "0"}),
+    "resort": ([(S, "checkpoint_name", lambda x, name: x)], {}),
 }
 
 

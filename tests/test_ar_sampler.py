@@ -4,6 +4,7 @@ forward + warpers, sampler log-probs equal re-scoring, and the draws follow exp(
 from __future__ import annotations
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -349,3 +350,37 @@ def test_i2i_rollout_keys_and_progress(split, model):
                   layout=layout)
     with pytest.raises(ValueError, match="eos_id"):
         sample_ar(*args, jax.random.key(0), n_codes=CODES, eos_id=N_CODES + 1, layout=layout)
+
+
+def _sorts(jaxpr) -> int:
+    """`sort` equations in a closed jaxpr, sub-jaxprs (scan bodies, remat) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "sort"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _sorts(sub)
+    return n
+
+
+def test_score_tokens_backward_does_not_sort_again(split, batch, rollout, monkeypatch):
+    """The re-scoring's remat saves the kept set's bounds (`KEPT_BOUNDS`): the gradient sorts each chunk's logits
+    once, in the forward pass, and the backward pass rebuilds the kept set from the bounds; without the saved bounds
+    it sorts them again. Same gradient either way (the kept sets are equal)."""
+    from glm_jax.sampling import ar_sampler
+    graphdef, state = split
+    ids, mask, pos, dec = (jnp.asarray(x) for x in batch)
+
+    def loss(st):
+        s = score_tokens(nnx.merge(graphdef, st), ids, mask, pos, dec, rollout.tokens, PARAMS, n_codes=CODES,
+                         eos_id=EOS_RL, chunk=64)
+        return jnp.sum(jnp.where(jnp.isfinite(s.logprobs), s.logprobs, 0.0))
+
+    saved = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    forward = _sorts(jax.make_jaxpr(loss)(state).jaxpr)
+    g_saved = jax.jit(jax.grad(loss))(state)
+    monkeypatch.setattr(ar_sampler, "checkpoint_name", lambda x, name: x)     # the bounds unnamed: not saved
+    again = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    g_again = jax.jit(jax.grad(loss))(state)
+    assert forward == saved == 1 and again == 2, (forward, saved, again)
+    for a, b in zip(jax.tree.leaves(g_saved), jax.tree.leaves(g_again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from glm_jax.models.layers import cast_for_compute
 
@@ -156,12 +157,27 @@ def scaled_logits(logits: jax.Array, valid: jax.Array, params: SamplingParams) -
     return jnp.where(valid, z, -jnp.inf)
 
 
-def kept_mask(z: jax.Array, params: SamplingParams, order: jax.Array | None = None) -> jax.Array:
-    """The kept set (bool `[..., V]`, no gradient) of top-k then top-p on masked-temperature logits `z`.
+class KeptBounds(NamedTuple):
+    """Where the kept set of each row ends, `[..., 1]` per row: every finite token >= `kth` (the k-th largest value,
+    `-inf` without top-k) and above `thr` (the nucleus boundary value, `-inf` without top-p) or equal to it with an
+    index >= `first_tie` (int32; the stable sort's order of equal values)."""
+
+    kth: jax.Array
+    thr: jax.Array
+    first_tie: jax.Array
+
+
+# `checkpoint_name` of the kept set's bounds: the re-scoring's remat saves them (three numbers per position), so the
+# backward pass rebuilds the kept set by comparisons and does not sort the vocabulary again.
+KEPT_BOUNDS = "ar_kept_bounds"
+
+
+def kept_bounds(z: jax.Array, params: SamplingParams, order: jax.Array | None = None) -> KeptBounds:
+    """The bounds (no gradient) of the kept set of top-k then top-p on masked-temperature logits `z`.
 
     One ascending sort of the values per row gives the k-th largest value and the nucleus boundary (the first kept
-    sorted entry); a token is kept iff it is finite, >= the k-th value, and above the boundary value or equal to
-    it with an index >= the boundary token's (stable-sort tie order).
+    sorted entry); of the tokens equal to the boundary value, those from the boundary token's index on are kept
+    (stable-sort tie order).
 
     `order`: where `z` came from 16-bit logits, `where(valid, logits, -inf)` in their dtype. That is sorted instead
     and mapped as `scaled_logits` maps it (cast, then `/ temperature`), which gives the same sorted values
@@ -169,13 +185,14 @@ def kept_mask(z: jax.Array, params: SamplingParams, order: jax.Array | None = No
     """
     z = jax.lax.stop_gradient(z.astype(jnp.float32))
     vocab = z.shape[-1]
-    iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
     top_k = vocab if params.top_k is None else max(params.top_k, params.min_tokens_to_keep)
     use_k = top_k < vocab
     use_p = params.top_p < 1.0
-    keep = jnp.isfinite(z)
+    row = z.shape[:-1] + (1,)
+    kth = thr = jnp.full(row, -jnp.inf, jnp.float32)
+    first_tie = jnp.zeros(row, jnp.int32)
     if not (use_k or use_p):
-        return keep
+        return KeptBounds(kth, thr, first_tie)
     if order is None:
         s = jnp.sort(z, axis=-1)   # values only: the stable order of equal values is recovered below by index
     else:   # the sorted 16-bit values mapped as `scaled_logits` maps them: the same sorted z, a cheaper sort
@@ -184,20 +201,34 @@ def kept_mask(z: jax.Array, params: SamplingParams, order: jax.Array | None = No
             s = s / jnp.float32(params.temperature)
     if use_k:
         kth = s[..., vocab - top_k][..., None]
-        keep &= z >= kth
         s = jnp.where(s >= kth, s, -jnp.inf)
     if use_p:
+        iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
         cum = jnp.cumsum(jax.nn.softmax(s, axis=-1), axis=-1)
         remove = (cum <= jnp.float32(1.0 - params.top_p)) & (iota < vocab - params.min_tokens_to_keep)
         first = jnp.max(jnp.where(remove, iota + 1, 0), axis=-1, keepdims=True)  # first kept sorted slot
         thr = jnp.take_along_axis(s, first, axis=-1)
         # In a stable ascending sort the tokens equal to `thr` sit in index order from slot #(z < thr); the
-        # boundary slot `first` is the one of rank `first - #(z < thr)` among them: keep that one and later ones.
+        # boundary slot `first` is the one of rank `first - #(z < thr)` among them: that one and later ones stay.
         tie = z == thr
         rank = jnp.cumsum(tie, axis=-1) - 1
         below = jnp.sum(z < thr, axis=-1, keepdims=True)
-        keep &= (z > thr) | (tie & (rank >= first - below))
-    return keep
+        first_tie = jnp.min(jnp.where(tie & (rank >= first - below), iota, vocab), axis=-1, keepdims=True)
+    return KeptBounds(kth, thr, first_tie)
+
+
+def kept_from_bounds(z: jax.Array, bounds: KeptBounds) -> jax.Array:
+    """The kept set (bool `[..., V]`) that `bounds` describe, by comparisons alone."""
+    z = jax.lax.stop_gradient(z.astype(jnp.float32))
+    iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    return (jnp.isfinite(z) & (z >= bounds.kth)
+            & ((z > bounds.thr) | ((z == bounds.thr) & (iota >= bounds.first_tie))))
+
+
+def kept_mask(z: jax.Array, params: SamplingParams, order: jax.Array | None = None) -> jax.Array:
+    """The kept set (bool `[..., V]`, no gradient) of top-k then top-p on masked-temperature logits `z`
+    (`kept_bounds`, `kept_from_bounds`)."""
+    return kept_from_bounds(z, kept_bounds(z, params, order))
 
 
 def processed_and_temperature_logprobs(logits: jax.Array, valid: jax.Array, params: SamplingParams
@@ -207,7 +238,8 @@ def processed_and_temperature_logprobs(logits: jax.Array, valid: jax.Array, para
     z = scaled_logits(logits, valid, params)
     # 16-bit logits are sorted as they are (same order and ties as z: the temperature is a positive scale)
     order = jnp.where(valid, logits, -jnp.inf) if jnp.dtype(logits.dtype).itemsize == 2 else None
-    lp = jax.nn.log_softmax(jnp.where(kept_mask(z, params, order), z, -jnp.inf), axis=-1)
+    bounds = checkpoint_name(kept_bounds(z, params, order), KEPT_BOUNDS)
+    lp = jax.nn.log_softmax(jnp.where(kept_from_bounds(z, bounds), z, -jnp.inf), axis=-1)
     return lp, jax.nn.log_softmax(z, axis=-1)
 
 
@@ -370,7 +402,8 @@ class TokenScores(NamedTuple):
 def _chunked_token_scores(model, hidden_BMD: jax.Array, tokens_BM: jax.Array, valid_V: jax.Array,
                           params: SamplingParams, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(log pi, log q) `[B, M]` of `tokens` from final hidden states, `chunk` positions at a time: logits, sort and
-    log-softmax live per chunk only and are recomputed in the backward pass (`jax.checkpoint`)."""
+    log-softmax live per chunk only and are recomputed in the backward pass (`jax.checkpoint`), all but the kept
+    set's bounds (`KEPT_BOUNDS`, saved): the backward pass does not sort."""
     b, m, d = hidden_BMD.shape
     chunk = max(1, min(chunk, m))
     n_chunks = -(-m // chunk)
@@ -380,7 +413,7 @@ def _chunked_token_scores(model, hidden_BMD: jax.Array, tokens_BM: jax.Array, va
     h = jnp.moveaxis(h.reshape(b, n_chunks, chunk, d), 1, 0)
     t = jnp.moveaxis(t.reshape(b, n_chunks, chunk), 1, 0)
 
-    @jax.checkpoint
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(KEPT_BOUNDS))
     def one(args):
         h_BcD, t_Bc = args
         lp, lq = processed_and_temperature_logprobs(model.logits(h_BcD, fp32=False), valid_V, params)
