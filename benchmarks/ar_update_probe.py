@@ -4,8 +4,9 @@ compiled in one process and timed round-robin (JAX only, random bf16 weights):
 * `sort16` (the default code): the processed policy's kept set sorts the head's bf16 logits, the MLP's gated
   activation has its hand-written backward pass (`ar_ops.gated_activation`, one `[gate; up]` gradient array);
 * `sort`: the kept set sorts the fp32 masked-temperature logits instead;
-* `resort`: the re-scoring's remat does not save the kept set's bounds (`ar_sampler.KEPT_BOUNDS`), so its
-  backward pass sorts every chunk's logits again, as before the bounds were saved;
+* `resort`: the re-scoring's remat saves nothing (`ar_sampler.SCORE_SAVED = ()`), so its backward pass runs the
+  `lm_head` and sorts every chunk's logits again, as before 2026-11-29;
+* `bounds_only`: it saves the kept set's bounds but not the chunk's logits (`lm_head` run again);
 * `mlp_autodiff`: the MLP's `up * act(gate)` differentiated by JAX (`GLM_JAX_AR_KERNELS=0`; the split's
   transpose: a concatenation).
 
@@ -48,7 +49,8 @@ VARIANTS = {   # name: ([(object, attribute, replacement)], {environment variabl
     "sort16": ([], {}),
     "sort": ([(S, "kept_mask", lambda z, params, order=None: _KEPT(z, params))], {}),
     "mlp_autodiff": ([], {"GLM_JAX_AR_KERNELS": "0"}),
-    "resort": ([(S, "checkpoint_name", lambda x, name: x)], {}),
+    "resort": ([(S, "SCORE_SAVED", ())], {}),
+    "bounds_only": ([(S, "SCORE_SAVED", (S.KEPT_BOUNDS,))], {}),
 }
 
 
@@ -100,7 +102,7 @@ def main():
                       arr(rng.standard_normal(a.batch).astype(np.float32)), jnp.ones((a.batch,), jnp.float32))
     ts = T.init_train_state(jax.random.key(0), ar=pol)
     pol = None
-    compiled, hlo_count = {}, {}
+    compiled, hlo_count, temp = {}, {}, {}
     for name in a.variants.split(","):
         patches, env = VARIANTS[name]
         saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
@@ -118,7 +120,9 @@ def main():
             else:
                 os.environ[k] = v
         jax.clear_caches()
-        log(f"compiled {name} in {time.time() - t0:.0f}s")
+        mem = compiled[name].memory_analysis()
+        temp[name] = None if mem is None else mem.temp_size_in_bytes / 2**30
+        log(f"compiled {name} in {time.time() - t0:.0f}s, temporaries {temp[name]} GiB")
         if a.hlo:
             import gzip
             with gzip.open(os.path.join(os.environ.get("OUT", "out"), f"ar_update_probe_{name}.hlo.gz"), "wt") as f:
@@ -131,6 +135,7 @@ def main():
         ts, m = fn(ts, batch)
         jax_sync(m)
         out[name]["loss"] = float(m["loss"])
+        out[name]["temp_gib"] = temp[name]
     for r in range(a.rounds):
         for name, fn in compiled.items():
             times = []

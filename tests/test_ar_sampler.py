@@ -363,9 +363,9 @@ def _sorts(jaxpr) -> int:
 
 
 def test_score_tokens_backward_does_not_sort_again(split, batch, rollout, monkeypatch):
-    """The re-scoring's remat saves the kept set's bounds (`KEPT_BOUNDS`): the gradient sorts each chunk's logits
-    once, in the forward pass, and the backward pass rebuilds the kept set from the bounds; without the saved bounds
-    it sorts them again. Same gradient either way (the kept sets are equal)."""
+    """The re-scoring's remat saves each chunk's logits and kept-set bounds (`SCORE_SAVED`): the gradient sorts the
+    logits once, in the forward pass, and the backward pass rebuilds the kept set from the bounds; saving nothing,
+    it sorts them again. The same gradient either way (float32 rounding)."""
     from glm_jax.sampling import ar_sampler
     graphdef, state = split
     ids, mask, pos, dec = (jnp.asarray(x) for x in batch)
@@ -377,10 +377,11 @@ def test_score_tokens_backward_does_not_sort_again(split, batch, rollout, monkey
 
     saved = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
     forward = _sorts(jax.make_jaxpr(loss)(state).jaxpr)
-    g_saved = jax.jit(jax.grad(loss))(state)
-    monkeypatch.setattr(ar_sampler, "checkpoint_name", lambda x, name: x)     # the bounds unnamed: not saved
-    again = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
-    g_again = jax.jit(jax.grad(loss))(state)
+    # float32 matmuls (a GPU's default TF32 would round the recomputed logits otherwise, moving kept sets)
+    with jax.default_matmul_precision("highest"):
+        g_saved = jax.jit(jax.grad(loss))(state)
+        monkeypatch.setattr(ar_sampler, "checkpoint_name", lambda x, name: x)     # nothing named: nothing saved
+        again = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+        g_again = jax.jit(jax.grad(loss))(state)
     assert forward == saved == 1 and again == 2, (forward, saved, again)
-    for a, b in zip(jax.tree.leaves(g_saved), jax.tree.leaves(g_again), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert max(rel_err(a, b) for a, b in zip(jax.tree.leaves(g_saved), jax.tree.leaves(g_again), strict=True)) < 1e-5

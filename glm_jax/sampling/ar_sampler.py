@@ -167,9 +167,13 @@ class KeptBounds(NamedTuple):
     first_tie: jax.Array
 
 
-# `checkpoint_name` of the kept set's bounds: the re-scoring's remat saves them (three numbers per position), so the
-# backward pass rebuilds the kept set by comparisons and does not sort the vocabulary again.
+# `checkpoint_name`s of what the re-scoring's remat keeps of each chunk (`SCORE_SAVED`): the kept set's bounds (three
+# numbers per position: the backward pass rebuilds the kept set by comparisons and does not sort the vocabulary
+# again) and the chunk's bf16 logits (the backward pass does not run the `lm_head` matmul a third time; one
+# micro-batch's logits, e.g. 8 x 1280 x 16512 x 2 bytes = 338 MB, live until its backward pass).
 KEPT_BOUNDS = "ar_kept_bounds"
+CHUNK_LOGITS = "ar_chunk_logits"
+SCORE_SAVED = (KEPT_BOUNDS, CHUNK_LOGITS)
 
 
 def kept_bounds(z: jax.Array, params: SamplingParams, order: jax.Array | None = None) -> KeptBounds:
@@ -402,8 +406,9 @@ class TokenScores(NamedTuple):
 def _chunked_token_scores(model, hidden_BMD: jax.Array, tokens_BM: jax.Array, valid_V: jax.Array,
                           params: SamplingParams, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(log pi, log q) `[B, M]` of `tokens` from final hidden states, `chunk` positions at a time: logits, sort and
-    log-softmax live per chunk only and are recomputed in the backward pass (`jax.checkpoint`), all but the kept
-    set's bounds (`KEPT_BOUNDS`, saved): the backward pass does not sort."""
+    log-softmax live per chunk only and are recomputed in the backward pass (`jax.checkpoint`) from the chunk's
+    logits and the kept set's bounds, which it saves (`SCORE_SAVED`): the backward pass neither sorts nor runs the
+    `lm_head` again."""
     b, m, d = hidden_BMD.shape
     chunk = max(1, min(chunk, m))
     n_chunks = -(-m // chunk)
@@ -413,10 +418,11 @@ def _chunked_token_scores(model, hidden_BMD: jax.Array, tokens_BM: jax.Array, va
     h = jnp.moveaxis(h.reshape(b, n_chunks, chunk, d), 1, 0)
     t = jnp.moveaxis(t.reshape(b, n_chunks, chunk), 1, 0)
 
-    @partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(KEPT_BOUNDS))
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(*SCORE_SAVED))
     def one(args):
         h_BcD, t_Bc = args
-        lp, lq = processed_and_temperature_logprobs(model.logits(h_BcD, fp32=False), valid_V, params)
+        logits = checkpoint_name(model.logits(h_BcD, fp32=False), CHUNK_LOGITS)
+        lp, lq = processed_and_temperature_logprobs(logits, valid_V, params)
         return _gather(lp, t_Bc), _gather(lq, t_Bc)
 
     def unchunk(x):
