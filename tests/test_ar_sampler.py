@@ -263,7 +263,10 @@ def test_teacher_forced_logprobs_equal_hf(hf, model, batch, rollout, scores):
     assert np.isfinite(ref_full).sum(-1)[:, :-1].min() > 1 and np.all(np.isfinite(ref_full).sum(-1)[:, -1] == 1)
 
 
-def test_score_tokens_gradient_is_chunk_invariant(split, batch, rollout):
+def test_score_tokens_gradient_is_chunk_invariant(split, batch, rollout, monkeypatch):
+    """The same gradient from chunks of 37 positions with the remat's saved logits and kept-set bounds (the default,
+    `SCORE_SAVED`) as from one chunk with nothing saved (the backward pass recomputes the logits and sorts again)."""
+    from glm_jax.sampling import ar_sampler
     graphdef, state = split
     ids, mask, pos, dec = (jnp.asarray(x) for x in batch)
     weights = jnp.asarray(LAYOUT.loss_mask())
@@ -275,10 +278,44 @@ def test_score_tokens_gradient_is_chunk_invariant(split, batch, rollout):
             return jnp.sum(weights * (s.logprobs + 0.1 * s.temperature_logprobs))
         return jax.jit(jax.grad(loss))(state)
 
-    g1, g2 = jax.tree.leaves(grad_fn(37)), jax.tree.leaves(grad_fn(1000))
+    # float32 matmuls (a GPU's default TF32 rounds recomputed logits otherwise, which can move kept sets)
+    with jax.default_matmul_precision("highest"):
+        g1 = jax.tree.leaves(grad_fn(37))
+        monkeypatch.setattr(ar_sampler, "checkpoint_name", lambda x, name: x)     # nothing named: nothing saved
+        g2 = jax.tree.leaves(grad_fn(1000))
     assert all(np.all(np.isfinite(np.asarray(a))) for a in g1)
     assert max(float(jnp.abs(a).max()) for a in g1) > 0
     assert max(rel_err(a, c) for a, c in zip(g1, g2)) < 1e-5
+
+
+def _sorts(jaxpr) -> int:
+    """`sort` equations in a jaxpr, sub-jaxprs (scan bodies, remat) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "sort"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _sorts(sub)
+    return n
+
+
+def test_score_tokens_backward_does_not_sort_again(split, batch, rollout, monkeypatch):
+    """The re-scoring's remat saves each chunk's logits and kept-set bounds (`SCORE_SAVED`): the gradient sorts the
+    logits once, in the forward pass, and the backward pass rebuilds the kept set from the bounds; saving nothing,
+    it sorts them again (the gradients of both are compared in `test_score_tokens_gradient_is_chunk_invariant`)."""
+    from glm_jax.sampling import ar_sampler
+    graphdef, state = split
+    ids, mask, pos, dec = (jnp.asarray(x) for x in batch)
+
+    def loss(st):
+        s = score_tokens(nnx.merge(graphdef, st), ids, mask, pos, dec, rollout.tokens, PARAMS, n_codes=CODES,
+                         eos_id=EOS_RL, chunk=64)
+        return jnp.sum(jnp.where(jnp.isfinite(s.logprobs), s.logprobs, 0.0))
+
+    forward = _sorts(jax.make_jaxpr(loss)(state).jaxpr)
+    saved = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    monkeypatch.setattr(ar_sampler, "checkpoint_name", lambda x, name: x)
+    again = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    assert forward == saved == 1 and again == 2, (forward, saved, again)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,37 +388,3 @@ def test_i2i_rollout_keys_and_progress(split, model):
     with pytest.raises(ValueError, match="eos_id"):
         sample_ar(*args, jax.random.key(0), n_codes=CODES, eos_id=N_CODES + 1, layout=layout)
 
-
-def _sorts(jaxpr) -> int:
-    """`sort` equations in a closed jaxpr, sub-jaxprs (scan bodies, remat) included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "sort"
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _sorts(sub)
-    return n
-
-
-def test_score_tokens_backward_does_not_sort_again(split, batch, rollout, monkeypatch):
-    """The re-scoring's remat saves each chunk's logits and kept-set bounds (`SCORE_SAVED`): the gradient sorts the
-    logits once, in the forward pass, and the backward pass rebuilds the kept set from the bounds; saving nothing,
-    it sorts them again. The same gradient either way (float32 rounding)."""
-    from glm_jax.sampling import ar_sampler
-    graphdef, state = split
-    ids, mask, pos, dec = (jnp.asarray(x) for x in batch)
-
-    def loss(st):
-        s = score_tokens(nnx.merge(graphdef, st), ids, mask, pos, dec, rollout.tokens, PARAMS, n_codes=CODES,
-                         eos_id=EOS_RL, chunk=64)
-        return jnp.sum(jnp.where(jnp.isfinite(s.logprobs), s.logprobs, 0.0))
-
-    saved = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
-    forward = _sorts(jax.make_jaxpr(loss)(state).jaxpr)
-    # float32 matmuls (a GPU's default TF32 would round the recomputed logits otherwise, moving kept sets)
-    with jax.default_matmul_precision("highest"):
-        g_saved = jax.jit(jax.grad(loss))(state)
-        monkeypatch.setattr(ar_sampler, "checkpoint_name", lambda x, name: x)     # nothing named: nothing saved
-        again = _sorts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
-        g_again = jax.jit(jax.grad(loss))(state)
-    assert forward == saved == 1 and again == 2, (forward, saved, again)
-    assert max(rel_err(a, b) for a, b in zip(jax.tree.leaves(g_saved), jax.tree.leaves(g_again), strict=True)) < 1e-5
