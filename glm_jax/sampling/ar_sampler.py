@@ -169,8 +169,8 @@ class KeptBounds(NamedTuple):
 
 # `checkpoint_name`s of what the re-scoring's remat keeps of each chunk (`SCORE_SAVED`): the kept set's bounds (three
 # numbers per position: the backward pass rebuilds the kept set by comparisons and does not sort the vocabulary
-# again) and the chunk's bf16 logits (the backward pass does not run the `lm_head` matmul a third time; one
-# micro-batch's logits, e.g. 8 x 1280 x 16512 x 2 bytes = 338 MB, live until its backward pass).
+# again) and the chunk's logits in the compute dtype (the backward pass does not run the `lm_head` matmul a third
+# time; one micro-batch's logits, e.g. 8 x 1280 x 16512 x 2 bytes = 338 MB in bf16, live until its backward pass).
 KEPT_BOUNDS = "ar_kept_bounds"
 CHUNK_LOGITS = "ar_chunk_logits"
 SCORE_SAVED = (KEPT_BOUNDS, CHUNK_LOGITS)
