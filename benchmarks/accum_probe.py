@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import time
 
 import jax
@@ -66,5 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     main()
