@@ -56,7 +56,8 @@ def main():
     ap.add_argument("--variants", default="",
                     help="'NAME:VAR=V,VAR=V;NAME:...': compile the step once per set of environment variables "
                          "(read while tracing; names starting with xla_ are passed to the compiler as XLA options "
-                         "instead) and time them interleaved in --rounds rounds, in one process")
+                         "instead; a '+' in an option's value stands for ',', e.g. xla_gpu_enable_command_buffer="
+                         "FUSION+CUBLAS) and time them interleaved in --rounds rounds, in one process")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--attention", default="", help="'' = cuDNN on a GPU (else XLA's), or 'xla'",
                     choices=("", "xla"))
@@ -171,17 +172,23 @@ def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
     for spec in a.variants.split(";"):
         name, _, env = spec.partition(":")
         settings = dict(kv.split("=", 1) for kv in env.split(",") if kv)
-        options = {k: _option(v) for k, v in settings.items() if k.startswith("xla_")}
+        options = {k: _option(v.replace("+", ",")) for k, v in settings.items() if k.startswith("xla_")}
         pairs = {k: v for k, v in settings.items() if k not in options}
         saved = {k: os.environ.get(k) for k in pairs}
         os.environ.update(pairs)
         t0 = time.time()
-        compiled[name] = make_grad().lower(*inputs).compile(compiler_options=options or None)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        try:
+            compiled[name] = make_grad().lower(*inputs).compile(compiler_options=options or None)
+        except Exception as e:   # an option this XLA does not know, or a step that does not compile: skip it
+            out[name] = {"env": pairs, "compiler_options": options, "error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"variant {name} ({settings}) did not compile, skipped: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         temp[name] = _memory_gib(compiled[name])["temp"]
         out[name] = {"env": pairs, "compiler_options": options, "compile_s": time.time() - t0,
                      "temp_gib": temp[name], "median_s": []}
@@ -218,7 +225,7 @@ def run_variants(a, make_grad, inputs, flops, last_block: int) -> dict:
             log(f"round {r}, {a.pipelined} steps back to back: "
                 + ", ".join(f"{n} {out[n]['pipelined_s'][-1]:.4f}s" for n in compiled))
     for name, v in out.items():
-        if name.startswith("_"):
+        if name.startswith("_") or "error" in v:
             continue
         v["best_median_s"] = min(v["median_s"])
         v["mean_median_s"] = float(np.mean(v["median_s"]))
