@@ -280,7 +280,7 @@ def main(argv=None):
     if a.profile:
         import tempfile
 
-        from benchmarks.trace_summary import summarise, summary_lines
+        from benchmarks.trace_summary import summarise, summary_lines, timeline
         tdir = tempfile.mkdtemp(prefix="trace_sharded_")
         with jax.profiler.trace(tdir, create_perfetto_trace=True):
             ts, m = step.update(ts, batch)
@@ -289,6 +289,16 @@ def main(argv=None):
             res["profile"] = summarise(tdir, top=40, steps=1)
             for line in summary_lines(res["profile"], top=25, width=100):
                 log(line)
+            res["timeline"] = tl = timeline(tdir)
+            if not tl:
+                log("no GPU kernels in the trace")
+                save()
+                return
+            log(f"traced step: kernels span {tl['span_us'] / 1e3:.1f} ms, busy {tl['busy_us'] / 1e3:.1f} ms, idle "
+                f"{tl['idle_us'] / 1e3:.1f} ms in {tl['gaps']} gaps ({tl['idle_in_gaps_under_10us'] / 1e3:.1f} ms in "
+                f"gaps of 10 us or less)")
+            for g in tl["top_gaps"][:8]:
+                log(f"  gap {g['us'] / 1e3:.2f} ms after {g['after'][:70]} before {g['before'][:70]}")
             save()
 
 

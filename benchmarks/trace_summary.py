@@ -1,6 +1,7 @@
 """Summarise a `jax.profiler` perfetto trace: total GPU kernel time by kernel name (top N) and by category
 (attention / gemm / copy / reduction / elementwise, from the kernel names); `op_sequence` lists the last step's
-kernels in launch order with the XLA instruction that launched each (where CUDA graphs are off).
+kernels in launch order with the XLA instruction that launched each (where CUDA graphs are off); `timeline` where
+the GPU sat idle between kernels.
 
     python -m benchmarks.trace_summary TRACE_DIR [--top 40] [--steps N] [--sequence]
 """
@@ -97,13 +98,43 @@ def op_sequence(trace_dir: str) -> list[tuple[str, str, float]]:
     return [((e.get("args") or {}).get("hlo_op", ""), e["name"][:60], e["dur"]) for e in kern[start:]]
 
 
+def timeline(trace_dir: str, top: int = 12) -> dict:
+    """Where the GPU sat idle in the traced window: the span from the first kernel's start to the last one's end,
+    the time covered by kernels (their union, streams merged), the idle rest, and the `top` longest gaps with
+    the kernels on either side (XLA instructions where CUDA graphs are off)."""
+    kern = sorted(gpu_kernels(*load_events(trace_dir))[0], key=lambda e: e["ts"])
+    if not kern:
+        return {}
+    busy, gaps, end = 0.0, [], kern[0]["ts"]
+    prev = kern[0]
+    for e in kern:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, prev, e))
+        busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
+        if e["ts"] + e["dur"] >= end:
+            end, prev = e["ts"] + e["dur"], e
+    span = end - kern[0]["ts"]
+
+    def label(e):
+        return ((e.get("args") or {}).get("hlo_op", "") + " " + e["name"][:60]).strip()
+    gaps.sort(key=lambda g: -g[0])
+    small = sum(g for g, _, _ in gaps if g <= 10)
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": len(gaps),
+            "idle_in_gaps_under_10us": small,
+            "top_gaps": [{"us": g, "after": label(a), "before": label(b)} for g, a, b in gaps[:top]]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace_dir")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--sequence", action="store_true", help="print the last step's kernels in launch order")
+    ap.add_argument("--timeline", action="store_true", help="print the idle time between kernels and the longest gaps")
     a = ap.parse_args()
+    if a.timeline:
+        print(json.dumps(timeline(a.trace_dir, a.top), indent=1))
+        return
     if a.sequence:
         for op, kernel, us in op_sequence(a.trace_dir):
             print(f"{us:9.1f}  {op:40s}  {kernel}")
