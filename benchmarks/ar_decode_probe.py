@@ -140,11 +140,16 @@ def main():
                 res[f"{variant}_b{b}"] = {"steps_per_s": sps, "step_ms": 1e3 / sps, "compile_s": compile_s}
                 log(f"{args.tag} {variant} b{b}: {sps:.1f} steps/s ({1e3 / sps:.2f} ms), compile {compile_s:.0f}s")
                 if variant in args.profile.split(","):
-                    from benchmarks.trace_summary import summarise
+                    from benchmarks.trace_summary import summarise, timeline
                     tdir = os.path.join(os.environ.get("OUT", "out"), f"trace_{variant}_b{b}")
                     with jax.profiler.trace(tdir, create_perfetto_trace=True):
                         jax_sync(loop(state, ids, 64, key))
                     res[f"{variant}_b{b}"]["profile"] = summarise(tdir, top=30, steps=64)
+                    tl = res[f"{variant}_b{b}"]["timeline"] = timeline(tdir)
+                    if tl:
+                        log(f"{variant} b{b} trace, 64 steps: kernels span {tl['span_us'] / 64:.0f} us per step, busy "
+                            f"{tl['busy_us'] / 64:.0f} us, {res[f'{variant}_b{b}']['profile']['kernels_per_step']:.0f} "
+                            f"kernels per step, idle {tl['idle_us'] / 64:.0f} us in {tl['gaps'] / 64:.0f} gaps")
             except Exception as e:  # keep the other variants
                 res[f"{variant}_b{b}_error"] = repr(e)[:400]
                 log(f"{variant} b{b} failed: {e!r}"[:400])
