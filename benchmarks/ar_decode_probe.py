@@ -3,10 +3,14 @@
 Times a jitted loop of decode steps over a 1408-slot cache, as (t(N2) - t(N1)) / (N2 - N1) with a dynamic trip
 count (one compile per variant and batch), for the decode-attention implementations, a fused q/k/v matmul and
 the full sampling step (top-p sort + categorical; `sample16`: on the head's bf16 logits) against greedy argmax;
-`pallas` is glm_jax's split-K decode kernel (`glm_jax.models.decode_ops`), `jaxpallas` JAX's own (deprecated). Run it
-once per XLA_FLAGS setting:
+`pallas` is glm_jax's split-K decode kernel (`glm_jax.models.decode_ops`), `jaxpallas` JAX's own (deprecated). A
+variant's name is read in parts: its first `+`-separated word picks greedy / `sample` / `sample16` (or `cudnn` /
+`xla`: `dot_product_attention` over the cache), `pallas` / `jaxpallas` anywhere picks that kernel (else the einsum
+step), `+fused` the one q/k/v matmul. So `sample` alone samples with the einsum attention; compare sampling with
+greedy on the same attention (`pallas,sample+pallas`). Run it once per XLA_FLAGS setting:
 
     XLA_FLAGS=... python -m benchmarks.ar_decode_probe --tag default --variants einsum,cudnn,sample
+    python -m benchmarks.ar_decode_probe --tag samplecost --variants pallas,sample+pallas --batches 32,128
 """
 
 from __future__ import annotations
