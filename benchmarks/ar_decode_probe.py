@@ -6,7 +6,8 @@ the full sampling step (top-p sort + categorical; `sample16`: on the head's bf16
 `pallas` is glm_jax's split-K decode kernel (`glm_jax.models.decode_ops`), `jaxpallas` JAX's own (deprecated). A
 variant's name is read in parts: its first `+`-separated word picks greedy / `sample` / `sample16` (or `cudnn` /
 `xla`: `dot_product_attention` over the cache), `pallas` / `jaxpallas` anywhere picks that kernel (else the einsum
-step), `+fused` the one q/k/v matmul. So `sample` alone samples with the einsum attention; compare sampling with
+step), `+fused` the one q/k/v matmul, `+plainnorm` the layer-by-layer norms (else each residual add fused with the
+next norm, `ar_ops.add_rms_norm`, as the sampler runs). So `sample` alone samples with the einsum attention; compare sampling with
 greedy on the same attention (`pallas,sample+pallas`). Run it once per XLA_FLAGS setting:
 
     XLA_FLAGS=... python -m benchmarks.ar_decode_probe --tag default --variants einsum,cudnn,sample
@@ -80,6 +81,7 @@ def set_variant(model, name: str, impl) -> None:
                               else "pallas" if "pallas" in name else "einsum")
         a.implementation = {"cudnn": impl, "xla": "xla"}.get(name.split("+")[0], impl)
         a.fuse_qkv = "+fused" in name
+    model.text.fuse_norms = "+plainnorm" not in name   # the layer-by-layer step: four norms and two adds per layer
 
 
 def main():

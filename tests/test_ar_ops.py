@@ -123,3 +123,106 @@ def test_kernels_are_on_by_default_on_a_gpu(monkeypatch):
         monkeypatch.delenv(switch, raising=False)
         assert pallas_tiles.kernels_on(switch), switch
     assert ar_ops._use_kernel(rnd(0, 4, 32), jax.nn.silu)
+
+
+# ------------------------------------------------------------------------------- decode-step add + RMSNorm
+
+
+def _norm_inputs(rows, d, dtype, seed=0):
+    x, a = rnd(seed, rows, d, scale=2.0).astype(dtype), rnd(seed + 1, rows, d, scale=5.0).astype(dtype)
+    w1, w2 = 1.0 + rnd(seed + 2, d, scale=0.3), 1.0 + rnd(seed + 3, d, scale=0.3)   # float32 params
+    return x, a, w1, w2
+
+
+def _layer_formulas(x, a, w1, w2, eps1, eps2):
+    """What `TextDecoderLayer` computes between two sub-layers, from `layers.rms_norm` (not from `ar_ops`)."""
+    from glm_jax.models.layers import rms_norm
+    y = x + rms_norm(a, w1, eps1)
+    return y, rms_norm(y, w2, eps2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_rms_norm_kernel_matches_the_layer_formulas(dtype, monkeypatch):
+    """`add_rms_norm` (a sandwich norm's residual update and the next norm, fused for decode steps): the kernel in
+    Pallas' interpreter against the layers' own RMSNorm formulas, on rows of very different scales; with the
+    kernels off the op is those formulas exactly."""
+    x, a, w1, w2 = _norm_inputs(5, 64, dtype)
+    a = a * jnp.asarray([[1e-3], [1.0], [30.0], [1.0], [1e2]], dtype)
+    want = jax.jit(_layer_formulas, static_argnums=(4, 5))(x, a, w1, w2, 1e-5, 1e-6)
+    op = lambda: lambda *v: ar_ops.add_rms_norm(*v, 1e-5, 1e-6)   # a new function per setting: traced afresh
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "0")
+    plain = jax.jit(op())(x, a, w1, w2)
+    for p, w in zip(plain, want):
+        assert p.dtype == dtype and np.array_equal(np.asarray(p, np.float32), np.asarray(w, np.float32))
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    assert "pallas_call" in str(jax.make_jaxpr(op())(x, a, w1, w2))
+    got = jax.jit(op())(x, a, w1, w2)
+    ref32 = jax.jit(_layer_formulas, static_argnums=(4, 5))(x.astype(jnp.float32), a.astype(jnp.float32), w1, w2,
+                                                            1e-5, 1e-6)
+    for g, p, r in zip(got, plain, ref32):
+        assert g.shape == p.shape and g.dtype == dtype
+        if dtype == jnp.float32:
+            assert rel_err(g, p) < 1e-6
+        else:   # XLA keeps the fused bf16 chain in float32 (excess precision), the kernel rounds after each op as
+            # torch does: both within bf16 rounding of the float32 formulas
+            assert rel_err(g, r) <= max(2 * rel_err(p, r), 2 ** -8)
+
+
+def test_add_rms_norm_falls_back_where_the_kernel_does_not_apply(monkeypatch):
+    """Hidden sizes that are not a power of two, or a sub-layer output in another dtype, take the plain formulas
+    even with the kernels on."""
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    op = lambda *v: ar_ops.add_rms_norm(*v, 1e-5, 1e-5)
+    x, a, w1, w2 = _norm_inputs(3, 64, jnp.float32)
+    assert "pallas_call" in str(jax.make_jaxpr(op)(x, a, w1, w2))
+    assert "pallas_call" not in str(jax.make_jaxpr(op)(x, a.astype(jnp.bfloat16), w1, w2))
+    x, a, w1, w2 = _norm_inputs(3, 96, jnp.float32)
+    assert "pallas_call" not in str(jax.make_jaxpr(op)(x, a, w1, w2))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_decode_steps_with_fused_norms_match_the_layers(fuse, monkeypatch):
+    """A few decode steps of the tiny AR text model (float32): with `fuse_norms` (the kernel in Pallas' interpreter)
+    the logits and caches match those of the layer-by-layer step (`fuse_norms=False`) and of the full forward."""
+    from flax import nnx
+
+    from glm_jax.models.ar import ArConfig, GlmImageAR
+    from glm_jax.tiny import tiny_ar_config
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    cfg = ArConfig.from_hf(tiny_ar_config())
+    m = GlmImageAR(cfg, rngs=nnx.Rngs(0), with_vision=False)
+    for layer in m.text.layers:    # non-trivial norm weights
+        for n in (layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm):
+            n.weight.set_value(n.weight.get_value() + 0.3 * jax.random.normal(jax.random.key(7), n.weight.shape))
+    b, length, steps = 3, 9, 3
+    ids = jax.random.randint(jax.random.key(3), (b, length), 0, cfg.text.vision_vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(length)[None, None], (3, b, length))
+    full = m.forward(ids, pos)
+    m.text.fuse_norms = fuse
+    graphdef, state = nnx.split(m)
+    decode = jax.jit(lambda s, t, p, c, i: nnx.merge(graphdef, s).decode(t, p, c, i))
+    if fuse:
+        assert "pallas_call" in str(jax.make_jaxpr(decode)(state, ids[:, 0], pos[:, :, 0],
+                                                           m.init_cache(b, length), length - steps))
+    cache = m.init_cache(b, length)
+    _, cache = m.prefill(ids[:, :-steps], pos[:, :, :-steps], None, cache)
+    scale = float(jnp.abs(full).max())
+    for n in range(length - steps, length):
+        logits, cache = decode(state, ids[:, n], pos[:, :, n], cache, n)
+        assert float(jnp.abs(logits - full[:, n]).max()) < 1e-5 * scale, n
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernel: GPU only")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_add_rms_norm_on_gpu(dtype, monkeypatch):
+    """At the real width (32 rows of 4096): the compiled kernel against the layers' formulas in float32 on the same
+    values, to the rounding of `dtype`."""
+    x, a, w1, w2 = _norm_inputs(32, 4096, dtype, seed=4)
+    monkeypatch.delenv("GLM_JAX_AR_KERNELS", raising=False)
+    fn = jax.jit(lambda *v: ar_ops.add_rms_norm(*v, 1e-5, 1e-5))
+    assert "pallas_call" in str(jax.make_jaxpr(fn)(x, a, w1, w2))
+    got = fn(x, a, w1, w2)
+    want = jax.jit(_layer_formulas, static_argnums=(4, 5))(x.astype(jnp.float32), a.astype(jnp.float32), w1, w2,
+                                                           1e-5, 1e-5)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and rel_err(g, w) <= (1e-6 if dtype == jnp.float32 else 1e-2)

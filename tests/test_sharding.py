@@ -33,7 +33,7 @@ from glm_jax.sampling.ar_sampler import ArLayout
 from glm_jax.sampling.flow import make_cond
 from glm_jax.sampling.schedule import flow_schedule
 from glm_jax.tiny import scheduler_config, tiny_ar_config, tiny_dit_config, tiny_tokenizer
-from tests.util import CPU_XLA_FLAGS, pytest_in_subprocess
+from tests.util import CPU_XLA_FLAGS, pytest_in_subprocess, rel_err
 
 P = PartitionSpec
 N_DEV = 8
@@ -712,6 +712,30 @@ def test_dit_and_ar_kernels_run_per_device_under_a_mesh(monkeypatch):
         have = dict(jax.tree_util.tree_leaves_with_path(got))[path]
         err = float(jnp.max(jnp.abs(have - want)) / jnp.max(jnp.abs(want)))
         assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+@needs8
+def test_decode_norm_kernel_runs_per_device_under_a_mesh(monkeypatch):
+    """The AR decode step's fused residual add + RMSNorm (`ar_ops.add_rms_norm`, a Pallas call) on rows split over
+    the devices runs per device and gives the one-device plain formulas' values, split as its input."""
+    from glm_jax.models import ar_ops
+    r = np.random.default_rng(0)
+    x, a = (jnp.asarray(r.standard_normal((8, 256)) * s, jnp.float32) for s in (1.0, 3.0))
+    w1, w2 = (jnp.asarray(1 + 0.3 * r.standard_normal(256), jnp.float32) for _ in range(2))
+    op = lambda: jax.jit(lambda *v: ar_ops.add_rms_norm(*v, 1e-5, 1e-5))   # traced afresh per setting
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "0")
+    want = op()(x, a, w1, w2)
+    monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
+    mesh = S.make_mesh({"data": 2, "fsdp": 4})
+    split = jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    xs, as_ = jax.device_put(x, split), jax.device_put(a, split)
+    with jax.set_mesh(mesh):
+        fn = op()
+        assert "shard_map" in str(jax.make_jaxpr(fn)(xs, as_, w1, w2))
+        got = fn(xs, as_, w1, w2)
+    for g, w in zip(got, want):
+        assert g.sharding.spec[0] is not None
+        assert rel_err(g, w) < 1e-6
 
 
 @needs8

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm_jax.models.ar_ops import gated_activation
+from glm_jax.models.ar_ops import add_rms_norm, gated_activation
 from glm_jax.models.layers import Dense, DType, RMSNorm, dtype_from_name, param
 from glm_jax.models.pallas_tiles import triton_available
 from glm_jax.models.remat import layer_call
@@ -375,6 +375,7 @@ class GlmImageText(nnx.Module):
                                                  implementation=implementation) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.remat = "none"   # rematerialisation policy of each layer without a cache (`glm_jax.models.remat`)
+        self.fuse_norms = True   # one-token steps: residual adds fused with the next norm (`_decode_step`)
 
     def __call__(self, input_ids_BT: jax.Array, position_ids_3BT: jax.Array, mask_BTS: jax.Array,
                  cache: KVCache | None = None, index: jax.Array | int = 0
@@ -382,6 +383,8 @@ class GlmImageText(nnx.Module):
         """Final hidden states `[B, T, D]` (after the final norm) and the updated cache (if one was given)."""
         x = self.embed_tokens(input_ids_BT)
         cos, sin = mrope_cos_sin(position_ids_3BT, self.cfg, self.dtype)
+        if cache is not None and input_ids_BT.shape[1] == 1 and self.fuse_norms:
+            return self._decode_step(x, cos, sin, mask_BTS, cache, index)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             if cache is None:   # training / re-scoring: the only path that is differentiated
@@ -393,6 +396,27 @@ class GlmImageText(nnx.Module):
                 vs.append(kv[1])
         new_cache = None if cache is None else cache._replace(k=tuple(ks), v=tuple(vs))
         return self.norm(x), new_cache
+
+    def _decode_step(self, x, cos, sin, mask_BTS, cache: KVCache, index):
+        """The layers of a one-token step, each sandwich norm's residual update fused with the norm after it
+        (`ar_ops.add_rms_norm`: the next sub-layer's input norm, across layers too, and the final norm): what
+        `TextDecoderLayer.__call__` computes, in two ops per layer instead of four norms and two adds."""
+        layers = list(self.layers)
+        h = layers[0].input_layernorm(x)
+        ks, vs = [], []
+        for i, layer in enumerate(layers):
+            x = constrain(x, STREAM_AXES)
+            a, kv = layer.self_attn(h, cos, sin, mask_BTS, (cache.k[i], cache.v[i]), index)
+            ks.append(kv[0])
+            vs.append(kv[1])
+            x, h = add_rms_norm(x, a, layer.post_self_attn_layernorm.weight[...],
+                                layer.post_attention_layernorm.weight[...], layer.post_self_attn_layernorm.eps,
+                                layer.post_attention_layernorm.eps)
+            m = layer.mlp(h)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            x, h = add_rms_norm(x, m, layer.post_mlp_layernorm.weight[...],
+                                nxt.weight[...], layer.post_mlp_layernorm.eps, nxt.eps)
+        return h, cache._replace(k=tuple(ks), v=tuple(vs))
 
 
 # ----------------------------------------------------------------------------------------------------------------

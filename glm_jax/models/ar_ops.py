@@ -17,6 +17,12 @@ The forward pass stays XLA's one fused elementwise pass. Elsewhere (CPU, another
 the kernel does not tile, a mesh whose `tensor` axis splits the activation, `GLM_JAX_AR_KERNELS=0`) the plain
 formula is differentiated by JAX. `GLM_JAX_AR_KERNELS=interpret` runs the kernel in Pallas' interpreter on any
 backend (tests).
+
+`add_rms_norm` serves the one-token decode steps of the sampler: a sandwich-norm layer's residual update and the
+norm after it (`y = x + rms_norm(a, w1)`, `rms_norm(y, w2)`) as one kernel per row where XLA runs several kernels
+of 1-3 µs each; the decode loop of `GlmImageText` calls it twice per layer (+1.3-1.4% decode steps per second on
+an H200, `benchmarks/RESULTS.md`). It rounds after each operation as torch does; the plain formulas under XLA
+may keep a fused bf16 chain in float32, so the two can differ in the last bit of some elements.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from glm_jax.models.pallas_tiles import interpreted, kernels_on, tile, tiled_call
+from glm_jax.models.pallas_tiles import interpreted, kernels_on, tile, tiled_call, triton_params
 from glm_jax.sharding import per_device
 
 _SWITCH = "GLM_JAX_AR_KERNELS"
@@ -100,3 +106,66 @@ def silu_gate_backward_kernel(h: jax.Array, g: jax.Array, *, interpret: bool = F
     dh = tiled_call(kern, (h2, g2), jax.ShapeDtypeStruct((rows, two_f), h.dtype), (rows // br, f // bc),
                     interpret=interpret or interpreted(_SWITCH))
     return dh.reshape(h.shape)
+
+
+# ---------------------------------------------------------------------------------------- decode-step norms
+
+
+def _rms(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """`layers.rms_norm` written out (float32 statistics, the normalised value rounded to the input dtype, then
+    scaled by the weight in that dtype)."""
+    x32 = x.astype(jnp.float32)
+    n = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return w.astype(x.dtype) * n
+
+
+def _add_rms_plain(x, a, w_add, w_next, eps_add: float, eps_next: float):
+    y = x + _rms(a, w_add, eps_add)
+    return y, _rms(y, w_next, eps_next)
+
+
+def _add_rms_kernel(x_ref, a_ref, wa_ref, wn_ref, y_ref, z_ref, *, eps_add, eps_next):
+    dt = y_ref.dtype
+    f32 = jnp.float32
+    a = a_ref[...].astype(f32)                                           # [D]: one row per program
+    na = (a * jax.lax.rsqrt(jnp.mean(a * a) + eps_add)).astype(dt)
+    y = (x_ref[...].astype(f32) + (wa_ref[...].astype(f32) * na.astype(f32)).astype(dt).astype(f32)).astype(dt)
+    y_ref[...] = y
+    y32 = y.astype(f32)
+    ny = (y32 * jax.lax.rsqrt(jnp.mean(y32 * y32) + eps_next)).astype(dt)
+    z_ref[...] = (wn_ref[...].astype(f32) * ny.astype(f32)).astype(dt)
+
+
+def add_rms_norm_kernel(x: jax.Array, a: jax.Array, w_add: jax.Array, w_next: jax.Array, eps_add: float,
+                        eps_next: float, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`add_rms_norm` by the Pallas kernel: `x, a [R, D]` (one program per row), weights `[D]` already in the
+    dtype of `x`."""
+    r, d = x.shape
+    kern = partial(_add_rms_kernel, eps_add=float(eps_add), eps_next=float(eps_next))
+    row = pl.BlockSpec((None, d), lambda i: (i, 0))
+    vec = pl.BlockSpec((d,), lambda i: (0,))
+    out = jax.ShapeDtypeStruct((r, d), x.dtype)
+    return tuple(pl.pallas_call(kern, grid=(r,), in_specs=[row, row, vec, vec], out_specs=[row, row],
+                                out_shape=[out, out], interpret=interpret or interpreted(_SWITCH),
+                                name="glm_add_rms_norm", **triton_params(interpret or interpreted(_SWITCH),
+                                                                          num_warps=4, num_stages=1))(
+        x, a, w_add, w_next))
+
+
+def add_rms_norm(x: jax.Array, a: jax.Array, w_add: jax.Array, w_next: jax.Array, eps_add: float,
+                 eps_next: float) -> tuple[jax.Array, jax.Array]:
+    """`y = x + rms_norm(a, w_add)` and `rms_norm(y, w_next)`, both in the dtype of `x`: a sandwich-norm layer's
+    residual update followed by the next norm (the AR's one-token decode steps). On GPU one Pallas kernel per row
+    where XLA runs several small kernels (each 1-3 µs at a decode step's size); elsewhere, for hidden sizes that
+    are not a power of two, a sub-layer output `a` in another dtype than `x`, or with `GLM_JAX_AR_KERNELS=0`, the
+    plain formulas. Not differentiable on the kernel path (the decode loop is not differentiated). Under a mesh
+    the kernel runs per device on its rows (`sharding.per_device`)."""
+    d = x.shape[-1]
+    if not (kernels_on(_SWITCH) and d & (d - 1) == 0 and d >= 16 and a.dtype == x.dtype):
+        return _add_rms_plain(x, a, w_add, w_next, eps_add, eps_next)
+    shape = x.shape
+    x2, a2 = x.reshape(-1, d), a.reshape(-1, d)
+    wa, wn = w_add.astype(x.dtype), w_next.astype(x.dtype)
+    y, z = per_device(lambda x_, a_, wa_, wn_: add_rms_norm_kernel(x_, a_, wa_, wn_, eps_add, eps_next),
+                      (x2, a2, wa, wn), (True, True, False, False), ("batch", "batch"))
+    return y.reshape(shape), z.reshape(shape)
