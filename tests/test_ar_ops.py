@@ -135,7 +135,7 @@ def _norm_inputs(rows, d, dtype, seed=0):
 
 
 def _layer_formulas(x, a, w1, w2, eps1, eps2):
-    """What `TextDecoderLayer` computes between two sub-layers, from `layers.rms_norm` (not from `ar_ops`)."""
+    """What `TextDecoderLayer` computes between two sub-layers: its residual add and `RMSNorm`s."""
     from glm_jax.models.layers import rms_norm
     y = x + rms_norm(a, w1, eps1)
     return y, rms_norm(y, w2, eps2)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from glm_jax.models.layers import rms_norm
 from glm_jax.models.pallas_tiles import interpreted, kernels_on, tile, tiled_call, triton_params
 from glm_jax.sharding import per_device
 
@@ -111,17 +112,9 @@ def silu_gate_backward_kernel(h: jax.Array, g: jax.Array, *, interpret: bool = F
 # ---------------------------------------------------------------------------------------- decode-step norms
 
 
-def _rms(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """`layers.rms_norm` written out (float32 statistics, the normalised value rounded to the input dtype, then
-    scaled by the weight in that dtype)."""
-    x32 = x.astype(jnp.float32)
-    n = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-    return w.astype(x.dtype) * n
-
-
 def _add_rms_plain(x, a, w_add, w_next, eps_add: float, eps_next: float):
-    y = x + _rms(a, w_add, eps_add)
-    return y, _rms(y, w_next, eps_next)
+    y = x + rms_norm(a, w_add, eps_add)
+    return y, rms_norm(y, w_next, eps_next)
 
 
 def _add_rms_kernel(x_ref, a_ref, wa_ref, wn_ref, y_ref, z_ref, *, eps_add, eps_next):
