@@ -180,10 +180,9 @@ def test_add_rms_norm_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     assert "pallas_call" not in str(jax.make_jaxpr(op)(x, a, w1, w2))
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_decode_steps_with_fused_norms_match_the_layers(fuse, monkeypatch):
-    """A few decode steps of the tiny AR text model (float32): with `fuse_norms` (the kernel in Pallas' interpreter)
-    the logits and caches match those of the layer-by-layer step (`fuse_norms=False`) and of the full forward."""
+def test_decode_steps_with_fused_norms_match_the_layers(monkeypatch):
+    """Decode steps of the tiny AR text model (float32) with `fuse_norms` (the kernel in Pallas' interpreter) and
+    with the layer-by-layer norms (`fuse_norms=False`) both give the full forward's logits."""
     from flax import nnx
 
     from glm_jax.models.ar import ArConfig, GlmImageAR
@@ -191,25 +190,26 @@ def test_decode_steps_with_fused_norms_match_the_layers(fuse, monkeypatch):
     monkeypatch.setenv("GLM_JAX_AR_KERNELS", "interpret")
     cfg = ArConfig.from_hf(tiny_ar_config())
     m = GlmImageAR(cfg, rngs=nnx.Rngs(0), with_vision=False)
-    for layer in m.text.layers:    # non-trivial norm weights
-        for n in (layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm):
-            n.weight.set_value(n.weight.get_value() + 0.3 * jax.random.normal(jax.random.key(7), n.weight.shape))
-    b, length, steps = 3, 9, 3
+    norms = [n for layer in m.text.layers for n in (layer.input_layernorm, layer.post_self_attn_layernorm,
+                                                    layer.post_attention_layernorm, layer.post_mlp_layernorm)]
+    for i, n in enumerate([*norms, m.text.norm]):   # a different weight for every norm: a swapped one would show
+        n.weight.set_value(n.weight.get_value() + 0.3 * jax.random.normal(jax.random.key(i), n.weight.shape))
+    b, length, steps = 2, 8, 2
     ids = jax.random.randint(jax.random.key(3), (b, length), 0, cfg.text.vision_vocab_size)
     pos = jnp.broadcast_to(jnp.arange(length)[None, None], (3, b, length))
     full = m.forward(ids, pos)
-    m.text.fuse_norms = fuse
-    graphdef, state = nnx.split(m)
-    decode = jax.jit(lambda s, t, p, c, i: nnx.merge(graphdef, s).decode(t, p, c, i))
-    if fuse:
-        assert "pallas_call" in str(jax.make_jaxpr(decode)(state, ids[:, 0], pos[:, :, 0],
-                                                           m.init_cache(b, length), length - steps))
-    cache = m.init_cache(b, length)
-    _, cache = m.prefill(ids[:, :-steps], pos[:, :, :-steps], None, cache)
     scale = float(jnp.abs(full).max())
-    for n in range(length - steps, length):
-        logits, cache = decode(state, ids[:, n], pos[:, :, n], cache, n)
-        assert float(jnp.abs(logits - full[:, n]).max()) < 1e-5 * scale, n
+    prefix = m.prefill(ids[:, :-steps], pos[:, :, :-steps], None, m.init_cache(b, length))[1]
+    for fuse in (True, False):
+        m.text.fuse_norms = fuse
+        graphdef, state = nnx.split(m)
+        decode = jax.jit(lambda s, t, p, c, i, g=graphdef: nnx.merge(g, s).decode(t, p, c, i))
+        jaxpr = str(jax.make_jaxpr(decode)(state, ids[:, 0], pos[:, :, 0], prefix, length - steps))
+        assert ("pallas_call" in jaxpr) == fuse
+        cache = prefix
+        for n in range(length - steps, length):
+            logits, cache = decode(state, ids[:, n], pos[:, :, n], cache, n)
+            assert float(jnp.abs(logits - full[:, n]).max()) < 1e-5 * scale, (fuse, n)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernel: GPU only")
