@@ -18,13 +18,10 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.common import SMOKE, device_info, jax_sync, write_result
+from benchmarks.common import SMOKE, device_info, jax_sync, timeit, write_result
 
 T, D, F, M = (64, 32, 128, 4) if SMOKE else (4352, 4096, 16384, 4)
 
@@ -50,17 +47,10 @@ def main():
         fn = jax.jit(lambda x, dy, body=body: jax.lax.scan(body, jnp.zeros((D, F), jnp.float32), (x, dy))[0])
         compiled = fn.lower(x, dy).compile()
         hlo = compiled.as_text()
+        t = timeit(lambda: compiled(x, dy), sync=jax_sync, warmup=1, iters=20)
         out = compiled(x, dy)
-        jax_sync(out)
-        times = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            out = compiled(x, dy)
-            jax_sync(out)
-            times.append(time.perf_counter() - t0)
-        res[name] = {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-                     "beta1": hlo.count('"beta":1'), "fusions": hlo.count("fusion("),
-                     "checksum": float(jnp.sum(out[:8, :8]))}
+        res[name] = {"median_s": t["median_s"], "min_s": t["min_s"], "beta1": hlo.count('"beta":1'),
+                     "fusions": hlo.count("fusion("), "checksum": float(jnp.sum(out[:8, :8]))}
         print(name, json.dumps(res[name]), flush=True)
     flop = 2 * M * T * D * F
     for name in ("bf16_then_add", "f32_gemm_add"):

@@ -7,8 +7,8 @@ the full sampling step (top-p sort + categorical; `sample16`: on the head's bf16
 variant's name is read in parts: its first `+`-separated word picks greedy / `sample` / `sample16` (or `cudnn` /
 `xla`: `dot_product_attention` over the cache), `pallas` / `jaxpallas` anywhere picks that kernel (else the einsum
 step), `+fused` the one q/k/v matmul, `+plainnorm` the layer-by-layer norms (else each residual add fused with the
-next norm, `ar_ops.add_rms_norm`, as the sampler runs). So `sample` alone samples with the einsum attention; compare sampling with
-greedy on the same attention (`pallas,sample+pallas`). Run it once per XLA_FLAGS setting:
+next norm, `ar_ops.add_rms_norm`, as the sampler runs). So `sample` alone samples with the einsum attention;
+compare sampling with greedy on the same attention (`pallas,sample+pallas`). Run it once per XLA_FLAGS setting:
 
     XLA_FLAGS=... python -m benchmarks.ar_decode_probe --tag default --variants einsum,cudnn,sample
     python -m benchmarks.ar_decode_probe --tag samplecost --variants pallas,sample+pallas --batches 32,128

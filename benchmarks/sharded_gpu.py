@@ -290,15 +290,12 @@ def main(argv=None):
             for line in summary_lines(res["profile"], top=25, width=100):
                 log(line)
             res["timeline"] = tl = timeline(tdir)
-            if not tl:
-                log("no GPU kernels in the trace")
-                save()
-                return
-            log(f"traced step: kernels span {tl['span_us'] / 1e3:.1f} ms, busy {tl['busy_us'] / 1e3:.1f} ms, idle "
-                f"{tl['idle_us'] / 1e3:.1f} ms in {tl['gaps']} gaps ({tl['idle_in_gaps_under_10us'] / 1e3:.1f} ms in "
-                f"gaps of 10 us or less)")
-            for g in tl["top_gaps"][:8]:
-                log(f"  gap {g['us'] / 1e3:.2f} ms after {g['after'][:70]} before {g['before'][:70]}")
+            if tl:   # empty without GPU kernels (CPU)
+                log(f"traced step: kernels span {tl['span_us'] / 1e3:.1f} ms, busy {tl['busy_us'] / 1e3:.1f} ms, "
+                    f"idle {tl['idle_us'] / 1e3:.1f} ms in {tl['gaps']} gaps "
+                    f"({tl['idle_in_gaps_under_10us'] / 1e3:.1f} ms in gaps of 10 us or less)")
+                for g in tl["top_gaps"][:8]:
+                    log(f"  gap {g['us'] / 1e3:.2f} ms after {g['after'][:70]} before {g['before'][:70]}")
             save()
 
 

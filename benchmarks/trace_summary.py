@@ -3,7 +3,7 @@
 kernels in launch order with the XLA instruction that launched each (where CUDA graphs are off); `timeline` where
 the GPU sat idle between kernels.
 
-    python -m benchmarks.trace_summary TRACE_DIR [--top 40] [--steps N] [--sequence]
+    python -m benchmarks.trace_summary TRACE_DIR [--top 40] [--steps N] [--sequence | --timeline]
 """
 
 from __future__ import annotations

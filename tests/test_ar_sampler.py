@@ -4,7 +4,6 @@ forward + warpers, sampler log-probs equal re-scoring, and the draws follow exp(
 from __future__ import annotations
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,7 +35,7 @@ from glm_jax.sampling.ar_sampler import (
 )
 from tests.test_positions import i2i_prompt, left_pad, t2i_prompt
 from tests.tiny_torch import N_CODES, ar_config_dict, tiny_ar
-from tests.util import rel_err, torch_to_numpy_state
+from tests.util import jaxpr_eqns, rel_err, torch_to_numpy_state
 
 # The tiny lm_head has 128 rows (= tiny_torch.N_CODES) and its EOS (129) is not one of them, so the RL restriction
 # is exercised with a smaller code range and an EOS row inside the head: codes 0..111 valid, 112..127 masked.
@@ -290,12 +289,7 @@ def test_score_tokens_gradient_is_chunk_invariant(split, batch, rollout, monkeyp
 
 def _sorts(jaxpr) -> int:
     """`sort` equations in a jaxpr, sub-jaxprs (scan bodies, remat) included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "sort"
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _sorts(sub)
-    return n
+    return sum(eqn.primitive.name == "sort" for eqn in jaxpr_eqns(jaxpr))
 
 
 def test_score_tokens_backward_does_not_sort_again(split, batch, rollout, monkeypatch):
@@ -387,4 +381,3 @@ def test_i2i_rollout_keys_and_progress(split, model):
                   layout=layout)
     with pytest.raises(ValueError, match="eos_id"):
         sample_ar(*args, jax.random.key(0), n_codes=CODES, eos_id=N_CODES + 1, layout=layout)
-

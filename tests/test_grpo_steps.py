@@ -23,7 +23,7 @@ from glm_jax.sampling.ar_sampler import ArLayout, SamplingParams, score_tokens
 from glm_jax.sampling.flow import step_logprob
 from glm_jax.sampling.schedule import FlowSchedule
 from glm_jax.tiny import tiny_tokenizer
-from tests.util import pytest_in_subprocess
+from tests.util import jaxpr_eqns, pytest_in_subprocess
 
 H = W = 64
 LAYOUT = ArLayout.t2i(H, W)           # preview 16x16, target 2x2: N = 261
@@ -233,17 +233,9 @@ def loop_weight_dtypes(stack, fn) -> set:
     """The dtypes of the arrays with the shape of an AR or DiT weight matrix that enter a loop (`scan`, `while`)
     in the program of `fn()`: the weights a sampling loop reads at every step."""
     shapes = {tuple(x.shape) for x in jax.tree.leaves((stack.ar[1], stack.dit[1])) if x.ndim >= 2}
-    found = set()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in ("scan", "while"):
-                found.update(jnp.dtype(v.aval.dtype) for v in eqn.invars
-                             if hasattr(v.aval, "shape") and tuple(v.aval.shape) in shapes)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-    walk(jax.make_jaxpr(fn)().jaxpr)
-    return found
+    return {jnp.dtype(v.aval.dtype) for eqn in jaxpr_eqns(jax.make_jaxpr(fn)().jaxpr)
+            if eqn.primitive.name in ("scan", "while")
+            for v in eqn.invars if hasattr(v.aval, "shape") and tuple(v.aval.shape) in shapes}
 
 
 # -------------------------------------------------------------------------------- rollout lp == trainer lp

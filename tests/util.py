@@ -37,3 +37,12 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def jaxpr_eqns(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (loop bodies, remat, custom rules) included."""
+    import jax.extend.core
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from jaxpr_eqns(sub)

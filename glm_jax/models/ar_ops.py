@@ -138,11 +138,11 @@ def add_rms_norm_kernel(x: jax.Array, a: jax.Array, w_add: jax.Array, w_next: ja
     row = pl.BlockSpec((None, d), lambda i: (i, 0))
     vec = pl.BlockSpec((d,), lambda i: (0,))
     out = jax.ShapeDtypeStruct((r, d), x.dtype)
-    return tuple(pl.pallas_call(kern, grid=(r,), in_specs=[row, row, vec, vec], out_specs=[row, row],
-                                out_shape=[out, out], interpret=interpret or interpreted(_SWITCH),
-                                name="glm_add_rms_norm", **triton_params(interpret or interpreted(_SWITCH),
-                                                                          num_warps=4, num_stages=1))(
-        x, a, w_add, w_next))
+    interpret = interpret or interpreted(_SWITCH)
+    call = pl.pallas_call(kern, grid=(r,), in_specs=[row, row, vec, vec], out_specs=[row, row], out_shape=[out, out],
+                          interpret=interpret, name="glm_add_rms_norm",
+                          **triton_params(interpret, num_warps=4, num_stages=1))
+    return tuple(call(x, a, w_add, w_next))
 
 
 def add_rms_norm(x: jax.Array, a: jax.Array, w_add: jax.Array, w_next: jax.Array, eps_add: float,
