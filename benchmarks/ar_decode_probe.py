@@ -90,6 +90,9 @@ def main():
     ap.add_argument("--variants", default="einsum,cudnn,einsum+fused,sample")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--profile", default="", help="variants to trace (64 steps) into $OUT/trace_<variant>_b<B>")
+    ap.add_argument("--hlo", action="store_true", help="with --profile: also write each traced loop's optimised HLO "
+                    "and its kernels in launch order ($OUT/ar_decode_probe_<tag>_<variant, + as ->_b<B>.{hlo.gz,ops.tsv}; "
+                    "the XLA instructions are named with XLA_FLAGS=--xla_gpu_enable_command_buffer=)")
     args = ap.parse_args()
     res = {"device": device_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": args.tag}
     name = f"ar_decode_probe_{args.tag}"
@@ -151,6 +154,15 @@ def main():
                     with jax.profiler.trace(tdir, create_perfetto_trace=True):
                         jax_sync(loop(state, ids, 64, key))
                     res[f"{variant}_b{b}"]["profile"] = summarise(tdir, top=30, steps=64)
+                    if args.hlo:
+                        import gzip
+
+                        from benchmarks.trace_summary import op_sequence
+                        stem = os.path.join(os.environ.get("OUT", "out"), f"{name}_{variant.replace('+', '-')}_b{b}")
+                        with gzip.open(stem + ".hlo.gz", "wt") as f:
+                            f.write(loop.lower(state, ids, n1, key).compile().as_text())
+                        with open(stem + ".ops.tsv", "w") as f:
+                            f.writelines(f"{op}\t{k}\t{d:.1f}\n" for op, k, d in op_sequence(tdir))
                     tl = res[f"{variant}_b{b}"]["timeline"] = timeline(tdir)
                     if tl:
                         log(f"{variant} b{b} trace, 64 steps: kernels span {tl['span_us'] / 64:.0f} us per step, busy "

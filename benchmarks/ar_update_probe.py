@@ -3,7 +3,7 @@ compiled in one process and timed round-robin (JAX only, random bf16 weights):
 
 * `sort16` (the default code): the processed policy's kept set sorts the head's bf16 logits, the MLP's gated
   activation has its hand-written backward pass (`ar_ops.gated_activation`, one `[gate; up]` gradient array);
-* `sort`: the kept set sorts the fp32 masked-temperature logits instead;
+* `sort`: the kept set sorts the logits cast to float32 instead (`ar_sampler.sort_keys`);
 * `resort`: the re-scoring's remat saves nothing (`ar_sampler.SCORE_SAVED = ()`), so its backward pass runs the
   `lm_head` and sorts every chunk's logits again, as before 2026-11-29;
 * `bounds_only`: it saves the kept set's bounds but not the chunk's logits (`lm_head` run again);
@@ -44,10 +44,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-_KEPT = S.kept_mask
+_SORT_KEYS = S.sort_keys
 VARIANTS = {   # name: ([(object, attribute, replacement)], {environment variable: value})
     "sort16": ([], {}),
-    "sort": ([(S, "kept_mask", lambda z, params, order=None: _KEPT(z, params))], {}),
+    "sort": ([(S, "sort_keys", lambda logits, valid: _SORT_KEYS(logits.astype(jnp.float32), valid))], {}),
     "mlp_autodiff": ([], {"GLM_JAX_AR_KERNELS": "0"}),
     "resort": ([(S, "SCORE_SAVED", ())], {}),
     "bounds_only": ([(S, "SCORE_SAVED", (S.KEPT_BOUNDS,))], {}),

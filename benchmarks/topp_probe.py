@@ -1,5 +1,5 @@
 """The processed policy's kept set (top-k + top-p) at the size of one micro-batch of the AR update: the float32
-masked-temperature logits sorted against the bf16 logits sorted (`kept_mask(..., order)`), kept sets compared.
+logits cast to float32 sorted against the bf16 logits sorted (`kept_mask(sort_keys(...))`), kept sets compared.
 
     python -m benchmarks.topp_probe [--rows 10248] [--vocab 16512] [--codes 16384]
 
@@ -36,20 +36,20 @@ def main():
     valid = jnp.arange(a.vocab) < a.codes
     res = {"device": device_info(), "rows": a.rows, "vocab": a.vocab, "codes": a.codes, "scale": a.scale}
     with_k, no_k = S.SamplingParams(top_k=a.codes), S.SamplingParams(top_k=None)
-    sort = lambda z, p, lg: S.kept_mask(z, p)
-    sort16 = lambda z, p, lg: S.kept_mask(z, p, jnp.where(valid, lg, -jnp.inf))
+    sort = lambda p, lg: S.kept_mask(S.sort_keys(lg.astype(jnp.float32), valid), p)
+    sort16 = lambda p, lg: S.kept_mask(S.sort_keys(lg, valid), p)
     impls = {"sort": (with_k, sort), "sort16": (with_k, sort16), "sort_no_k": (no_k, sort),
-             "sort16_no_k": (no_k, sort16)}   # name: (params, kept set of (z, params, logits))
+             "sort16_no_k": (no_k, sort16)}   # name: (params, kept set of (params, logits))
     fns = {}
     for name, (p, impl) in impls.items():
         @jax.jit
         def kept(lg, p=p, impl=impl):
-            return impl(S.scaled_logits(lg, valid, p), p, lg)
+            return impl(p, lg)
 
         @jax.jit
         def logprobs(lg, p=p, impl=impl):
             z = S.scaled_logits(lg, valid, p)
-            return jax.nn.log_softmax(jnp.where(impl(z, p, lg), z, -jnp.inf), axis=-1)
+            return jax.nn.log_softmax(jnp.where(impl(p, lg), z, -jnp.inf), axis=-1)
         fns[name] = (kept, logprobs)
     masks = {n: np.asarray(f[0](logits)) for n, f in fns.items()}
     for ref, new in (("sort", "sort16"), ("sort_no_k", "sort16_no_k")):

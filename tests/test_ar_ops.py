@@ -205,7 +205,7 @@ def test_decode_steps_with_fused_norms_match_the_layers(monkeypatch):
         graphdef, state = nnx.split(m)
         decode = jax.jit(lambda s, t, p, c, i, g=graphdef: nnx.merge(g, s).decode(t, p, c, i))
         jaxpr = str(jax.make_jaxpr(decode)(state, ids[:, 0], pos[:, :, 0], prefix, length - steps))
-        assert ("pallas_call" in jaxpr) == fuse
+        assert ("glm_add_rms_norm" in jaxpr) == fuse   # by name: on a GPU the decode attention is a kernel too
         cache = prefix
         for n in range(length - steps, length):
             logits, cache = decode(state, ids[:, n], pos[:, :, n], cache, n)

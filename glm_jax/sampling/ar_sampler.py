@@ -158,9 +158,10 @@ def scaled_logits(logits: jax.Array, valid: jax.Array, params: SamplingParams) -
 
 
 class KeptBounds(NamedTuple):
-    """Where the kept set of each row ends, `[..., 1]` per row: every finite token >= `kth` (the k-th largest value,
-    `-inf` without top-k) and above `thr` (the nucleus boundary value, `-inf` without top-p) or equal to it with an
-    index >= `first_tie` (int32; the stable sort's order of equal values)."""
+    """Where the kept set of each row ends, `[..., 1]` per row, on the masked logits before the temperature (the
+    sort keys, as float32): every finite token >= `kth` (the k-th largest key, `-inf` without top-k) and above `thr`
+    (the nucleus boundary key, `-inf` without top-p) or equal to it with an index >= `first_tie` (int32; the stable
+    sort's order of equal keys)."""
 
     kth: jax.Array
     thr: jax.Array
@@ -176,63 +177,69 @@ CHUNK_LOGITS = "ar_chunk_logits"
 SCORE_SAVED = (KEPT_BOUNDS, CHUNK_LOGITS)
 
 
-def kept_bounds(z: jax.Array, params: SamplingParams, order: jax.Array | None = None) -> KeptBounds:
-    """The bounds (no gradient) of the kept set of top-k then top-p on masked-temperature logits `z`.
+def sort_keys(logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """`where(valid, logits, -inf)` in the logits' own dtype: what the kept set is found and rebuilt on.
 
-    One ascending sort of the values per row gives the k-th largest value and the nucleus boundary (the first kept
-    sorted entry); of the tokens equal to the boundary value, those from the boundary token's index on are kept
-    (stable-sort tie order).
+    The keys are the logits themselves, not the masked-temperature logits z~ = logits / T: the temperature is a
+    positive scale, so they order the tokens as z~ does, and a comparison of keys is exact wherever it is evaluated.
+    A comparison on z~ is not: z~ is a division, which XLA may emit in several fusions of one program and, on a GPU,
+    by different code (a Triton fusion's float32 division is not correctly rounded), so a recomputed z~ can differ
+    from the sorted one in the last bit, and the boundary token then falls out of the kept set (seen on an H200:
+    the re-scoring's backward pass, rebuilding the kept set from saved bounds, moved an AR gradient by 5%). 16-bit
+    keys also sort in under half the time of float32 ones (`benchmarks/RESULTS.md`)."""
+    return jnp.where(valid, logits, jnp.asarray(-jnp.inf, logits.dtype))
 
-    `order`: where `z` came from 16-bit logits, `where(valid, logits, -inf)` in their dtype. That is sorted instead
-    and mapped as `scaled_logits` maps it (cast, then `/ temperature`), which gives the same sorted values
-    bit for bit, from a sort of 16-bit keys (on an H100 under half the time of the float32 sort, `benchmarks/RESULTS.md`).
-    """
-    z = jax.lax.stop_gradient(z.astype(jnp.float32))
-    vocab = z.shape[-1]
+
+def kept_bounds(keys: jax.Array, params: SamplingParams) -> KeptBounds:
+    """The bounds (no gradient) of the kept set of top-k then top-p, from the `sort_keys` of a row.
+
+    One ascending sort of the keys per row gives the k-th largest key and the nucleus boundary (the first kept
+    sorted entry; the nucleus is summed over the sorted keys mapped to z~ as `scaled_logits` maps them, cast then
+    `/ temperature`); of the tokens whose key equals the boundary key, those from the boundary token's index on are
+    kept (stable-sort tie order)."""
+    keys = jax.lax.stop_gradient(keys)
+    vocab = keys.shape[-1]
     top_k = vocab if params.top_k is None else max(params.top_k, params.min_tokens_to_keep)
     use_k = top_k < vocab
     use_p = params.top_p < 1.0
-    row = z.shape[:-1] + (1,)
+    row = keys.shape[:-1] + (1,)
     kth = thr = jnp.full(row, -jnp.inf, jnp.float32)
     first_tie = jnp.zeros(row, jnp.int32)
     if not (use_k or use_p):
         return KeptBounds(kth, thr, first_tie)
-    if order is None:
-        s = jnp.sort(z, axis=-1)   # values only: the stable order of equal values is recovered below by index
-    else:   # the sorted 16-bit values mapped as `scaled_logits` maps them: the same sorted z, a cheaper sort
-        s = jnp.sort(jax.lax.stop_gradient(order), axis=-1).astype(jnp.float32)
-        if params.temperature != 1.0:
-            s = s / jnp.float32(params.temperature)
+    k32 = keys.astype(jnp.float32)   # exact for 16- and 32-bit keys
+    s_key = jnp.sort(keys, axis=-1).astype(jnp.float32)   # values only: equal keys' order is recovered by index
     if use_k:
-        kth = s[..., vocab - top_k][..., None]
-        s = jnp.where(s >= kth, s, -jnp.inf)
+        kth = s_key[..., vocab - top_k][..., None]
+        s_key = jnp.where(s_key >= kth, s_key, -jnp.inf)
     if use_p:
-        iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+        s = s_key / jnp.float32(params.temperature) if params.temperature != 1.0 else s_key
+        iota = jax.lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
         cum = jnp.cumsum(jax.nn.softmax(s, axis=-1), axis=-1)
         remove = (cum <= jnp.float32(1.0 - params.top_p)) & (iota < vocab - params.min_tokens_to_keep)
         first = jnp.max(jnp.where(remove, iota + 1, 0), axis=-1, keepdims=True)  # first kept sorted slot
-        thr = jnp.take_along_axis(s, first, axis=-1)
-        # In a stable ascending sort the tokens equal to `thr` sit in index order from slot #(z < thr); the
-        # boundary slot `first` is the one of rank `first - #(z < thr)` among them: that one and later ones stay.
-        tie = z == thr
+        thr = jnp.take_along_axis(s_key, first, axis=-1)
+        # In a stable ascending sort the tokens equal to `thr` sit in index order from slot #(keys < thr); the
+        # boundary slot `first` is the one of rank `first - #(keys < thr)` among them: that one and later ones stay.
+        tie = k32 == thr
         rank = jnp.cumsum(tie, axis=-1) - 1
-        below = jnp.sum(z < thr, axis=-1, keepdims=True)
+        below = jnp.sum(k32 < thr, axis=-1, keepdims=True)
         first_tie = jnp.min(jnp.where(tie & (rank >= first - below), iota, vocab), axis=-1, keepdims=True)
     return KeptBounds(kth, thr, first_tie)
 
 
-def kept_from_bounds(z: jax.Array, bounds: KeptBounds) -> jax.Array:
-    """The kept set (bool `[..., V]`) that `bounds` describe, by comparisons alone."""
-    z = jax.lax.stop_gradient(z.astype(jnp.float32))
-    iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-    return (jnp.isfinite(z) & (z >= bounds.kth)
-            & ((z > bounds.thr) | ((z == bounds.thr) & (iota >= bounds.first_tie))))
+def kept_from_bounds(keys: jax.Array, bounds: KeptBounds) -> jax.Array:
+    """The kept set (bool `[..., V]`) that `bounds` describe, by comparisons of the `sort_keys` alone."""
+    k = jax.lax.stop_gradient(keys).astype(jnp.float32)
+    iota = jax.lax.broadcasted_iota(jnp.int32, k.shape, k.ndim - 1)
+    return (jnp.isfinite(k) & (k >= bounds.kth)
+            & ((k > bounds.thr) | ((k == bounds.thr) & (iota >= bounds.first_tie))))
 
 
-def kept_mask(z: jax.Array, params: SamplingParams, order: jax.Array | None = None) -> jax.Array:
-    """The kept set (bool `[..., V]`, no gradient) of top-k then top-p on masked-temperature logits `z`
+def kept_mask(keys: jax.Array, params: SamplingParams) -> jax.Array:
+    """The kept set (bool `[..., V]`, no gradient) of top-k then top-p on the `sort_keys` of a row
     (`kept_bounds`, `kept_from_bounds`)."""
-    return kept_from_bounds(z, kept_bounds(z, params, order))
+    return kept_from_bounds(keys, kept_bounds(keys, params))
 
 
 def processed_and_temperature_logprobs(logits: jax.Array, valid: jax.Array, params: SamplingParams
@@ -240,10 +247,9 @@ def processed_and_temperature_logprobs(logits: jax.Array, valid: jax.Array, para
     """(log pi, log q) `[..., V]`: the processed policy and the smooth masked-temperature distribution, from the
     same z~ (the kept set is a stop-gradient boolean, so both are differentiable in the logits)."""
     z = scaled_logits(logits, valid, params)
-    # 16-bit logits are sorted as they are (same order and ties as z: the temperature is a positive scale)
-    order = jnp.where(valid, logits, -jnp.inf) if jnp.dtype(logits.dtype).itemsize == 2 else None
-    bounds = checkpoint_name(kept_bounds(z, params, order), KEPT_BOUNDS)
-    lp = jax.nn.log_softmax(jnp.where(kept_from_bounds(z, bounds), z, -jnp.inf), axis=-1)
+    keys = sort_keys(logits, valid)
+    bounds = checkpoint_name(kept_bounds(keys, params), KEPT_BOUNDS)
+    lp = jax.nn.log_softmax(jnp.where(kept_from_bounds(keys, bounds), z, -jnp.inf), axis=-1)
     return lp, jax.nn.log_softmax(z, axis=-1)
 
 
