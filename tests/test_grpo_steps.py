@@ -354,6 +354,8 @@ def test_ar_gradient_accumulation_equals_one_batch(stack, ar_roll):
     assert tree_rel(g4, g1) < 1e-5
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(m4["kl_loss"]), float(m1["kl_loss"]), rtol=1e-5)
+    for k in ("clip_frac", "clip_frac_low", "ratio_mean", "kl_mean", "tokens"):   # per-token means: the batch's
+        np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, err_msg=k)
 
 
 def test_dit_gradient_accumulation_equals_one_batch(stack, dit_roll):
@@ -377,6 +379,9 @@ def test_dit_gradient_accumulation_equals_one_batch(stack, dit_roll):
     g_s, m_s = T.dit_grads_jit(spec_s, ts_s.dit, batch, ref)
     assert tree_rel(g_s, g1) < 1e-5
     np.testing.assert_allclose(float(m_s["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
+    for k in ("clipfrac", "approx_kl", "ratio_mean", "transitions"):   # per-transition means: the batch's
+        for m in (m4, m_s):   # (one-step micro-batches hold untrained steps: no transitions at all)
+            np.testing.assert_allclose(float(m[k]), float(m1[k]), rtol=1e-5, err_msg=k)
     with pytest.raises(ValueError, match="2 steps does not divide the batch of 8 samples x 3 trained steps"):
         T._dit_n_micro(8, 3, T.DitLossConfig(micro_steps=2))
 

@@ -250,6 +250,7 @@ def dit_policy_loss(lp_new: jax.Array, lp_old: jax.Array | None, adv: jax.Array,
         "ratio_mean": _masked_mean(r, m),
         "ratio_min": _masked_min(r, m),
         "ratio_max": _masked_max(r, m),
+        "transitions": jnp.sum(_f32(m)),
     }
     return loss, metrics
 

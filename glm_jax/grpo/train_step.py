@@ -251,16 +251,24 @@ def _from_micro(x):
     return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
-_SUMMED = ("policy_loss", "kl_loss", "tokens")
+_SUMMED = ("policy_loss", "kl_loss", "tokens", "transitions")
+# means over a micro-batch's trained tokens (AR) / transitions (DiT): each micro-batch's mean weighted by its count,
+# which gives the whole batch's mean whatever the micro-batches hold
+_COUNTED_MEANS = frozenset({"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl_mean", "clipfrac",
+                            "clipfrac_gt_one", "clipfrac_lt_one", "approx_kl"})
 
 
 def _reduce_metrics(stacked: Metrics) -> Metrics:
-    """Per-micro-batch metrics `[m]` -> scalars: losses summed (they carry global normalisers), `*_min` / `*_max`
-    reduced by min / max, everything else averaged."""
+    """Per-micro-batch metrics `[m]` -> scalars: losses and counts summed (the losses carry global normalisers),
+    per-token / per-transition means weighted by each micro-batch's count, `*_min` / `*_max` reduced by min / max,
+    everything else averaged."""
+    count = next((stacked[k] for k in ("tokens", "transitions") if k in stacked), None)
     out = {}
     for k, v in stacked.items():
         if k in _SUMMED:
             out[k] = jnp.sum(v)
+        elif k in _COUNTED_MEANS and count is not None:
+            out[k] = jnp.sum(v * count) / jnp.maximum(jnp.sum(count), 1.0)
         elif k.endswith("_min"):
             out[k] = jnp.min(v)
         elif k.endswith("_max"):
