@@ -222,9 +222,24 @@ def builder_files() -> list[str]:
         sorted(glob.glob(os.path.join(pkg, "models", "*.py")))
 
 
-def tiny_cache_key(seed: int, files: list[str] | None = None) -> str:
-    """The embedded checkpoint's cache key: a hash of the tiny configs, the seed, the JAX and Flax versions and
-    the builder's source (`builder_files`), so that a checkpoint written by another version is never reused."""
+def numerics_tag(xla_flags: str | None = None) -> str:
+    """What, besides the code, decides the random weights' last bits: the JAX backend and XLA's optimisation level
+    (`--xla_backend_optimization_level` in `XLA_FLAGS`; the tests run XLA's CPU backend at level 0). The same seed
+    drawn at level 0 and at the default level differs in the last bit of some weights, enough for a 200-step run to
+    take another course, so the two get separate cache entries."""
+    import os
+    import re
+
+    import jax
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    level = re.findall(r"--xla_backend_optimization_level=(\d+)", flags)
+    return f"{jax.default_backend()} opt {level[-1] if level else 'default'}"
+
+
+def tiny_cache_key(seed: int, files: list[str] | None = None, xla_flags: str | None = None) -> str:
+    """The embedded checkpoint's cache key: a hash of the tiny configs, the seed, the JAX and Flax versions, the
+    builder's source (`builder_files`) and the numerics it runs under (`numerics_tag`), so that a checkpoint
+    written by another version, or drawn under other numerics, is never reused."""
     import hashlib
     import json
 
@@ -232,7 +247,7 @@ def tiny_cache_key(seed: int, files: list[str] | None = None) -> str:
     import jax
     h = hashlib.sha256(json.dumps({k: f() for k, f in TINY_CONFIGS.items()} | {"seed": seed, "v": 2},
                                   sort_keys=True).encode())
-    h.update(f"jax {jax.__version__} flax {flax.__version__}".encode())
+    h.update(f"jax {jax.__version__} flax {flax.__version__} {numerics_tag(xla_flags)}".encode())
     for path in builder_files() if files is None else files:
         with open(path, "rb") as f:
             h.update(f.read())
