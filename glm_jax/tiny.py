@@ -125,15 +125,29 @@ TINY_CONFIGS = {"vision_language_encoder": tiny_ar_config, "transformer": tiny_d
 
 def random_params(slot: str, hf_config: dict, seed: int) -> dict:
     """Flat `{path: np.ndarray}` parameters of a freshly initialised module (fixed seed => same weights)."""
+    import jax
     import numpy as np
     from flax import nnx
 
     from glm_jax.components import COMPONENTS
     spec = COMPONENTS[slot]
     cfg = spec.config_from_hf(hf_config)
-    model = spec.model_class()(cfg, rngs=nnx.Rngs(seed))
+    with jax.default_device(jax.devices(draw_backend())[0]):
+        model = spec.model_class()(cfg, rngs=nnx.Rngs(seed))
     return {".".join(str(p) for p in path): np.asarray(var.get_value())
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def draw_backend() -> str:
+    """Where the embedded checkpoint's weights are drawn: on the CPU whenever JAX has one (so that a GPU host draws
+    what a CPU host does, and so does the CPU subprocess that writes it for a multi-process run), else on the
+    default backend."""
+    import jax
+    try:
+        jax.devices("cpu")
+        return "cpu"
+    except RuntimeError:
+        return jax.default_backend()
 
 
 def write_tiny_checkpoint(dst: str, seed: int = 0) -> str:
@@ -222,21 +236,20 @@ def builder_files() -> list[str]:
         sorted(glob.glob(os.path.join(pkg, "models", "*.py")))
 
 
-def numerics_tag(xla_flags: str | None = None) -> str:
-    """What, besides the code, decides the random weights' last bits: the JAX backend and XLA's optimisation level
-    (`--xla_backend_optimization_level` in `XLA_FLAGS`; the tests run XLA's CPU backend at level 0). The same seed
-    drawn at level 0 and at the default level differs in the last bit of some weights, enough for a 200-step run to
-    take another course, so the two get separate cache entries."""
+def numerics_tag(xla_flags: str | None = None, backend: str | None = None) -> str:
+    """What, besides the code, decides the random weights' last bits: the backend that draws them (`draw_backend`)
+    and XLA's optimisation level (`--xla_backend_optimization_level` in `XLA_FLAGS`; the tests run XLA's CPU
+    backend at level 0). The same seed drawn at level 0 and at the default level differs in the last bit of some
+    weights, enough for a 200-step run to take another course, so the two get separate cache entries."""
     import os
     import re
-
-    import jax
     flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
     level = re.findall(r"--xla_backend_optimization_level=(\d+)", flags)
-    return f"{jax.default_backend()} opt {level[-1] if level else 'default'}"
+    return f"{backend or draw_backend()} opt {level[-1] if level else 'default'}"
 
 
-def tiny_cache_key(seed: int, files: list[str] | None = None, xla_flags: str | None = None) -> str:
+def tiny_cache_key(seed: int, files: list[str] | None = None, xla_flags: str | None = None,
+                   backend: str | None = None) -> str:
     """The embedded checkpoint's cache key: a hash of the tiny configs, the seed, the JAX and Flax versions, the
     builder's source (`builder_files`) and the numerics it runs under (`numerics_tag`), so that a checkpoint
     written by another version, or drawn under other numerics, is never reused."""
@@ -247,19 +260,20 @@ def tiny_cache_key(seed: int, files: list[str] | None = None, xla_flags: str | N
     import jax
     h = hashlib.sha256(json.dumps({k: f() for k, f in TINY_CONFIGS.items()} | {"seed": seed, "v": 2},
                                   sort_keys=True).encode())
-    h.update(f"jax {jax.__version__} flax {flax.__version__} {numerics_tag(xla_flags)}".encode())
+    h.update(f"jax {jax.__version__} flax {flax.__version__} {numerics_tag(xla_flags, backend)}".encode())
     for path in builder_files() if files is None else files:
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:12]
 
 
-def tiny_checkpoint(cache_dir: str | None = None, seed: int = 0) -> str:
+def tiny_checkpoint(cache_dir: str | None = None, seed: int = 0, backend: str | None = None) -> str:
     """The embedded default checkpoint, written once to a cache folder keyed by `tiny_cache_key` (the tiny
-    configs, the seed and the code that builds it) in `$GLM_JAX_CACHE` (default `~/.cache/glm_jax`), and reused
-    afterwards."""
+    configs, the seed, the code that builds it and the numerics that draw it) in `$GLM_JAX_CACHE` (default
+    `~/.cache/glm_jax`), and reused afterwards. `backend`: the backend whose draw to look up (default
+    `draw_backend()`; the processes of a multi-process run look up what a CPU subprocess wrote)."""
     import os
-    digest = tiny_cache_key(seed)
+    digest = tiny_cache_key(seed, backend=backend)
     root = cache_dir or os.environ.get("GLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                           "glm_jax")
     path = os.path.join(root, f"tiny-{digest}")

@@ -742,7 +742,7 @@ def embedded_checkpoint(seed: int) -> str:
         code = f"from glm_jax.tiny import tiny_checkpoint; tiny_checkpoint(seed={int(seed)})"
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
     distributed.sync("glm_jax.embedded_checkpoint")
-    return tiny_checkpoint(seed=seed)
+    return tiny_checkpoint(seed=seed, backend="cpu")   # the copy the CPU subprocess wrote
 
 
 def train(cfg, workdir: str, *, log=print, stop_after: int | None = None) -> dict:

@@ -153,6 +153,7 @@ def test_embedded_checkpoint_cache_is_keyed_by_the_code_that_builds_it(tmp_path)
                                                        "--xla_cpu_use_thunk_runtime=true --xla_backend_optimization_level=2")}
     assert len(levels) == 3 and tiny_cache_key(0, xla_flags="--xla_force_host_platform_device_count=8") == \
         tiny_cache_key(0, xla_flags="")
+    assert tiny_cache_key(0, backend="gpu") != key and tiny_cache_key(0, backend="cpu") == key   # drawn on the CPU
     with open(copies[-1], "a") as f:
         f.write("\n# an edit\n")
     assert tiny_cache_key(0, copies) != key
