@@ -132,7 +132,9 @@ class GlmImageStack:
     def tiny(cls, seed: int = 0, *, dtype=jnp.float32, dit_remat: str = "none", ar_remat: str = "none"
              ) -> GlmImageStack:
         """The embedded tiny random GLM-Image built in memory: the same configs and weights as
-        `glm_jax.tiny.write_tiny_checkpoint(dst, seed)` + `load`, without the disk round trip."""
+        `glm_jax.tiny.write_tiny_checkpoint(dst, seed)` + `load`, without the disk round trip (drawn on the default
+        device: on a GPU the weights may differ in last bits from the checkpoint's, which are drawn on the CPU,
+        `glm_jax.tiny.draw_backend`)."""
         from glm_jax import tiny
         from glm_jax.components import COMPONENTS
         from glm_jax.models.remat import check_policy
