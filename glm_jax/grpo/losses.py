@@ -53,6 +53,12 @@ def _weights(weight, batch: int) -> jax.Array:
     return jnp.ones((batch,), jnp.float32) if weight is None else _f32(weight).reshape(batch)
 
 
+# the losses' metrics that are `_masked_mean`s over their trained tokens (AR, count `tokens`) or transitions (DiT,
+# count `transitions`): the update weights each micro-batch's value by its count (`train_step._reduce_metrics`)
+COUNTED_MEANS = frozenset({"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl_mean", "clipfrac",
+                           "clipfrac_gt_one", "clipfrac_lt_one", "approx_kl"})
+
+
 def _masked_mean(x, m):
     return _safe_div(jnp.sum(jnp.where(m, x, 0.0)), jnp.sum(m))
 

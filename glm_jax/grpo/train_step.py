@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 
 from glm_jax.grpo.losses import (
+    COUNTED_MEANS,
     ar_loss_normalizers,
     ar_policy_loss,
     dit_kl,
@@ -252,10 +253,6 @@ def _from_micro(x):
 
 
 _SUMMED = ("policy_loss", "kl_loss", "tokens", "transitions")
-# means over a micro-batch's trained tokens (AR) / transitions (DiT): each micro-batch's mean weighted by its count,
-# which gives the whole batch's mean whatever the micro-batches hold
-_COUNTED_MEANS = frozenset({"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl_mean", "clipfrac",
-                            "clipfrac_gt_one", "clipfrac_lt_one", "approx_kl"})
 
 
 def _reduce_metrics(stacked: Metrics) -> Metrics:
@@ -267,7 +264,7 @@ def _reduce_metrics(stacked: Metrics) -> Metrics:
     for k, v in stacked.items():
         if k in _SUMMED:
             out[k] = jnp.sum(v)
-        elif k in _COUNTED_MEANS and count is not None:
+        elif k in COUNTED_MEANS and count is not None:   # the whole batch's mean whatever the micro-batches hold
             out[k] = jnp.sum(v * count) / jnp.maximum(jnp.sum(count), 1.0)
         elif k.endswith("_min"):
             out[k] = jnp.min(v)

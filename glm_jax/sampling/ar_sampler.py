@@ -207,7 +207,6 @@ def kept_bounds(keys: jax.Array, params: SamplingParams) -> KeptBounds:
     first_tie = jnp.zeros(row, jnp.int32)
     if not (use_k or use_p):
         return KeptBounds(kth, thr, first_tie)
-    k32 = keys.astype(jnp.float32)   # exact for 16- and 32-bit keys
     s_key = jnp.sort(keys, axis=-1).astype(jnp.float32)   # values only: equal keys' order is recovered by index
     if use_k:
         kth = s_key[..., vocab - top_k][..., None]
@@ -219,6 +218,7 @@ def kept_bounds(keys: jax.Array, params: SamplingParams) -> KeptBounds:
         remove = (cum <= jnp.float32(1.0 - params.top_p)) & (iota < vocab - params.min_tokens_to_keep)
         first = jnp.max(jnp.where(remove, iota + 1, 0), axis=-1, keepdims=True)  # first kept sorted slot
         thr = jnp.take_along_axis(s_key, first, axis=-1)
+        k32 = keys.astype(jnp.float32)   # exact for 16- and 32-bit keys
         # In a stable ascending sort the tokens equal to `thr` sit in index order from slot #(keys < thr); the
         # boundary slot `first` is the one of rank `first - #(keys < thr)` among them: that one and later ones stay.
         tie = k32 == thr
